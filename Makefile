@@ -1,0 +1,35 @@
+# Two commands: `make demo` and `make test`. Everything else is a helper for those two.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU machines take the CPU build of torch (an unpinned torch pulls a multi-GB CUDA build).
+TORCH_CPU := torch==2.13.0
+DEEPSPEED := deepspeed==0.19.8
+export DS_ACCELERATOR ?= cpu
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv install demo test test-fast clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python setup.py
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; else $(BIN)/pip install -q $(TORCH_CPU); fi
+	$(BIN)/pip install -q $(DEEPSPEED) triton ninja pytest
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m megatrain.demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests -m "not slow"
+
+clean:
+	rm -rf runs data_cache build *.egg-info

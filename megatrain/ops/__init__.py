@@ -1,0 +1,20 @@
+"""Op dispatch: every hot op the models use goes through here.
+
+Backends per op: ``triton`` (fused Triton kernels, CUDA tensors), ``cuda`` (C++/CUDA extensions from
+csrc/ when built), ``torch`` (plain-torch reference; always available, the CPU path). ``auto`` picks the
+fastest available for the tensor's device. The choice is process-wide (like ``torch.backends``) and
+set from ``model.kernels`` / ``model.kernel_overrides`` by :func:`configure`.
+"""
+from __future__ import annotations
+
+from megatrain.ops.dispatch import available_backends, backend_for, configure, current_config
+from megatrain.ops.norms import layer_norm, rms_norm
+from megatrain.ops.attention import attention
+from megatrain.ops.activations import swiglu
+from megatrain.ops.rope import apply_rope, rope_cache
+from megatrain.ops.cross_entropy import cross_entropy
+
+__all__ = [
+    "apply_rope", "attention", "available_backends", "backend_for", "configure", "cross_entropy",
+    "current_config", "layer_norm", "rms_norm", "rope_cache", "swiglu",
+]

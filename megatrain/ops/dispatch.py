@@ -1,0 +1,90 @@
+"""Which backend runs each op. Process-wide choice, set once from the config."""
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+OPS = ("attention", "layer_norm", "rms_norm", "cross_entropy", "swiglu", "rope", "adamw")
+
+
+@dataclass
+class KernelConfig:
+    default: str = "auto"
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+_CONFIG = KernelConfig()
+# Op name -> backend name -> module that provides it (imported lazily: triton import is slow and
+# absent on some machines; the torch path must never pay for it).
+_PROVIDERS: dict[str, dict[str, str]] = {}
+
+
+def register(op: str, backend: str, module: str) -> None:
+    """Declare that ``module`` implements ``op`` for ``backend`` (module exposes ``<op>``)."""
+    _PROVIDERS.setdefault(op, {})[backend] = module
+    _available.cache_clear()
+
+
+def configure(default: str = "auto", overrides: dict[str, str] | None = None) -> None:
+    overrides = dict(overrides or {})
+    for name, value in [("model.kernels", default)] + [(f"model.kernel_overrides.{k}", v) for k, v in overrides.items()]:
+        if value not in BACKENDS:
+            raise ValueError(f"{name}={value!r} is not a backend; use one of {', '.join(BACKENDS)}")
+    for op in overrides:
+        if op not in OPS:
+            raise ValueError(f"model.kernel_overrides has unknown op {op!r}; known ops: {', '.join(OPS)}")
+    _CONFIG.default = default
+    _CONFIG.overrides = overrides
+
+
+def current_config() -> KernelConfig:
+    return _CONFIG
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # ImportError, or a toolchain error inside a JIT build
+        return False
+
+
+def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run ``op`` on ``device``, fastest first; ``torch`` is always last."""
+    return list(_available(op, torch.device(device).type))
+
+
+@functools.lru_cache(maxsize=None)
+def _available(op: str, device_type: str) -> tuple[str, ...]:
+    found = []
+    for backend in ("triton", "cuda"):
+        module = _PROVIDERS.get(op, {}).get(backend)
+        if module is None:
+            continue
+        if device_type != "cuda":
+            continue  # Triton's interpreter runs on CPU for tests only, never as a training path
+        if _importable(module):
+            found.append(backend)
+    return tuple(found) + ("torch",)
+
+
+def backend_for(op: str, device: torch.device | str = "cpu") -> str:
+    wanted = _CONFIG.overrides.get(op, _CONFIG.default)
+    available = available_backends(op, device)
+    if wanted == "auto":
+        return available[0]
+    if wanted not in available:
+        raise ValueError(
+            f"model.kernels: backend {wanted!r} for op {op!r} is not available on {torch.device(device)} "
+            f"(available: {', '.join(available)}); use model.kernels=auto or torch"
+        )
+    return wanted
+
+
+def provider(op: str, backend: str):
+    """The callable implementing ``op`` for a non-torch backend."""
+    return getattr(importlib.import_module(_PROVIDERS[op][backend]), op)
