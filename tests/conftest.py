@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu") if not os.environ.get("CUDA_VISIBLE_DEVICES") else None
+import megatrain  # noqa: E402,F401  (sets DS_ACCELERATOR=cpu when CUDA is absent)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -18,3 +18,11 @@ __all__ = [
     "apply_rope", "attention", "available_backends", "backend_for", "configure", "cross_entropy",
     "current_config", "layer_norm", "rms_norm", "rope_cache", "swiglu",
 ]
+
+from megatrain.ops.adamw import make_adamw  # noqa: E402
+
+# C++/CUDA providers register themselves when the extension module is importable.
+try:  # noqa: SIM105
+    import megatrain.ops.extensions  # noqa: F401,E402
+except ImportError:
+    pass
