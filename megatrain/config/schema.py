@@ -1,0 +1,203 @@
+"""The one typed config tree. Every field documented; validation messages name the field and the fix.
+
+Sections: model, parallel, data, train, checkpoint, log (+ eval, search for the evaluation toolkit).
+Unknown keys are rejected (``extra="forbid"``) so a typo never silently trains the wrong thing.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    arch: Literal["gpt2", "llama", "resnet", "lstm", "gru"] = Field(
+        "gpt2", description="Architecture family: gpt2/llama (decoder Transformers), resnet (CNN), lstm/gru (RNN).")
+    vocab_size: int = Field(0, ge=0, description="Vocabulary size; 0 = take it from the prepared data's tokenizer.")
+    hidden_size: int = Field(128, gt=0, description="Model width d_model (RNN: hidden units).")
+    num_layers: int = Field(2, gt=0, description="Transformer blocks / RNN layers.")
+    num_heads: int = Field(4, gt=0, description="Attention query heads.")
+    num_kv_heads: Optional[int] = Field(None, gt=0, description="Key/value heads (GQA); None = num_heads.")
+    ffn_hidden_size: Optional[int] = Field(
+        None, gt=0, description="MLP inner width; None = 4*hidden (gpt2) or 8/3*hidden rounded to 64 (llama).")
+    max_seq_len: int = Field(256, gt=0, description="Context length (learned positions for gpt2, RoPE table for llama).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention output and MLP output.")
+    norm_eps: float = Field(1e-5, gt=0, description="LayerNorm/RMSNorm epsilon.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base (llama).")
+    rope_scaling: Optional[dict] = Field(None, description="HF-style rope_scaling dict (linear or llama3); llama only.")
+    tie_embeddings: Optional[bool] = Field(
+        None, description="Share input embedding and LM head; None = True for gpt2, False for llama.")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal weight init.")
+    kernels: Literal["auto", "triton", "cuda", "torch"] = Field(
+        "auto", description="Kernel backend for all ops: auto = fastest available on the device.")
+    kernel_overrides: dict[str, str] = Field(
+        default_factory=dict, description="Per-op backend, e.g. {attention: triton, rms_norm: torch}.")
+    from_hf: Optional[str] = Field(None, description="Local Hugging Face model directory to initialise from.")
+    # CNN / RNN fields (used by arch resnet / lstm / gru)
+    num_classes: int = Field(10, gt=0, description="Classes for classification heads (resnet, rnn classification).")
+    in_channels: int = Field(1, gt=0, description="Image channels (resnet).")
+    widths: list[int] = Field(default_factory=lambda: [16, 32, 64], description="ResNet stage widths.")
+    blocks_per_stage: list[int] = Field(default_factory=lambda: [1, 1, 1], description="ResNet blocks per stage.")
+    block: Literal["basic", "bottleneck"] = Field("basic", description="ResNet block type.")
+    bidirectional: bool = Field(False, description="Bidirectional RNN (classification only).")
+    task: Literal["language_modeling", "classification"] = Field(
+        "language_modeling", description="Loss/metric head: next-token LM or sequence/image classification.")
+
+    @property
+    def is_transformer(self) -> bool:
+        return self.arch in ("gpt2", "llama")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.arch == "llama":
+            return 64 * ((int(8 * self.hidden_size / 3) + 63) // 64)
+        return 4 * self.hidden_size
+
+    @property
+    def tied(self) -> bool:
+        return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.is_transformer:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
+                                 f"{self.num_heads}; choose num_heads dividing hidden_size")
+            if self.num_heads % self.kv_heads:
+                raise ValueError(f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads="
+                                 f"{self.kv_heads}; choose num_kv_heads dividing num_heads")
+            if self.arch == "llama" and self.head_dim % 2:
+                raise ValueError(f"model: head_dim={self.head_dim} must be even for RoPE; change hidden_size/num_heads")
+        return self
+
+
+class ParallelConfig(Section):
+    tp: int = Field(1, gt=0, description="Tensor-parallel size (splits heads and MLP channels).")
+    pp: int = Field(1, gt=0, description="Pipeline-parallel stages.")
+    dp: Optional[int] = Field(None, gt=0, description="Data-parallel size; None = world_size / (tp*pp).")
+    sequence_parallel: bool = Field(False, description="Shard norm/dropout regions along the sequence (needs tp>1).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage over the data-parallel group.")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO optimizer-state offload target.")
+    activation_checkpointing: Literal["none", "every", "every_n"] = Field(
+        "none", description="Recompute activations of every block, or every N-th (checkpoint_every_n).")
+    checkpoint_every_n: int = Field(2, gt=0, description="N for activation_checkpointing=every_n.")
+    pipeline_partition: Literal["parameters", "uniform"] = Field(
+        "parameters", description="How pipeline stages are balanced: by parameter count or by layer count.")
+
+
+class DataConfig(Section):
+    path: str = Field("data_cache/stdlib", description="Prepared data directory (train/val .bin/.idx shards + tokenizer).")
+    sources: list[str] = Field(
+        default_factory=lambda: ["stdlib"],
+        description="Inputs for prepare: files, folders, .jsonl (field 'text'); 'stdlib' = the Python stdlib sources.")
+    tokenizer: Optional[str] = Field(
+        None, description="Existing sentencepiece .model or HF tokenizer dir; None = train sentencepiece on the data.")
+    vocab_size: int = Field(4096, gt=0, description="Vocabulary size when training a sentencepiece tokenizer.")
+    val_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="Fraction of documents held out for validation.")
+    min_chars: int = Field(32, ge=0, description="Documents shorter than this after cleaning are dropped.")
+    max_bytes: Optional[int] = Field(None, gt=0, description="Stop reading sources after this many bytes (quick runs).")
+    num_workers: int = Field(2, gt=0, description="Tokenizer worker processes in prepare.")
+    seq_len: Optional[int] = Field(None, gt=0, description="Training sample length; None = model.max_seq_len.")
+    dataset: Literal["tokens", "digits", "images", "npz"] = Field(
+        "tokens", description="tokens = prepared text shards; digits = sklearn digits; images/npz = user image data.")
+    augment: bool = Field(False, description="On-the-fly augmentation for image data.")
+
+
+class TrainConfig(Section):
+    seed: int = Field(1234, description="Seed for init, data order and dropout.")
+    max_steps: int = Field(100, gt=0, description="Optimizer steps to train.")
+    global_batch_size: int = Field(8, gt=0, description="Samples per optimizer step across all data-parallel ranks.")
+    micro_batch_size: int = Field(4, gt=0, description="Samples per forward/backward per rank.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp16 uses loss scaling).")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(0.0, ge=0, description="Floor of the cosine schedule.")
+    schedule: Literal["constant", "step", "exponential", "cosine"] = Field("cosine", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (from 0 to lr).")
+    step_size: int = Field(100, gt=0, description="step schedule: multiply by gamma every step_size steps.")
+    gamma: float = Field(0.5, gt=0, le=1, description="step/exponential schedule decay factor.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay (not applied to norms/biases).")
+    l1: float = Field(0.0, ge=0, description="Explicit L1 penalty coefficient added to the loss.")
+    l2: float = Field(0.0, ge=0, description="Explicit L2 penalty coefficient added to the loss (coupled).")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    eval_every: int = Field(50, ge=0, description="Validation every N steps; 0 = only at the end.")
+    eval_batches: int = Field(8, gt=0, description="Micro-batches per validation pass (per rank).")
+    log_every: int = Field(1, gt=0, description="Metrics line every N steps.")
+    loss_scale_window: int = Field(100, gt=0, description="fp16 dynamic loss scale window.")
+    deepspeed_config: Optional[str] = Field(None, description="User DeepSpeed JSON merged into the generated one.")
+
+
+class CheckpointConfig(Section):
+    dir: Optional[str] = Field(None, description="Checkpoint directory; None = <log.dir>/checkpoints.")
+    every: int = Field(0, ge=0, description="Save every N steps; 0 = only at the end.")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept; the newest good one is never deleted.")
+    resume: str = Field("none", description="'none', 'auto' (latest in dir if any), or a checkpoint path.")
+    save_final: bool = Field(True, description="Save when training finishes.")
+    export_hf: Optional[str] = Field(None, description="Write a Hugging Face model directory here at the end.")
+    reset_optimizer: bool = Field(False, description="On resume, keep weights but start fresh optimizer state (continual).")
+    reset_schedule: bool = Field(False, description="On resume, restart the LR schedule and step count (continual).")
+
+
+class LogConfig(Section):
+    dir: str = Field("runs/default", description="Run directory: metrics.jsonl, TensorBoard events, report.png.")
+    progress: Literal["rich", "tqdm", "plain", "none"] = Field("rich", description="Console progress display.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events.")
+    report: bool = Field(True, description="Write report.png (loss/lr/throughput) at the end.")
+
+
+class EvalConfig(Section):
+    kfold: int = Field(0, ge=0, description="K-fold cross-validation folds (0 = off; 1 is rejected).")
+    stratified: bool = Field(True, description="Stratify folds by label for classification.")
+    metric: str = Field("loss", description="Metric used to rank trials / pick checkpoints (loss, accuracy, f1_macro, ...).")
+    ensemble: list[str] = Field(default_factory=list, description="Checkpoint paths whose predictions are averaged.")
+    ensemble_mode: Literal["mean_prob", "vote"] = Field("mean_prob", description="Ensemble: average probabilities or majority vote.")
+    old_data: Optional[str] = Field(None, description="Continual training: data path whose validation tracks forgetting.")
+
+
+class SearchConfig(Section):
+    space: Optional[str] = Field(None, description="YAML file: config field -> list (grid) or {low, high, log} / list (random).")
+    method: Literal["grid", "random"] = Field("random", description="Grid or random search.")
+    trials: int = Field(6, gt=0, description="Random-search trials.")
+    mode: Literal["min", "max"] = Field("min", description="Whether eval.metric is minimised or maximised.")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len or self.model.max_seq_len
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.seq_len > self.model.max_seq_len and self.model.arch == "gpt2":
+            raise ValueError(f"data.seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                             "raise model.max_seq_len or lower data.seq_len")
+        if self.train.schedule == "cosine" and self.train.min_lr > self.train.lr:
+            raise ValueError(f"train.min_lr={self.train.min_lr} is above train.lr={self.train.lr}; lower min_lr")
+        return self
