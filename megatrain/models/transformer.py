@@ -1,0 +1,213 @@
+"""Decoder-only Transformer in two families, pure torch, unsharded.
+
+- gpt2:  learned positions, LayerNorm (with bias), GELU (tanh) MLP, biases everywhere, tied embeddings.
+- llama: RoPE, RMSNorm, SwiGLU MLP, GQA, no biases, untied embeddings.
+
+The model knows nothing of parallelism, checkpointing or kernels: hot ops go through ``megatrain.ops``
+(dispatch picks the kernel), and the tensor-parallel transform swaps the Linear layers for sharded ones.
+Head counts are derived from projection shapes at run time, so a sharded projection just works.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatrain import ops
+from megatrain.config.schema import ModelConfig
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt2) or RMSNorm (llama) through the op dispatcher."""
+
+    def __init__(self, hidden: int, *, kind: str, eps: float):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.bias = nn.Parameter(torch.zeros(hidden)) if kind == "layer" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
+        if self.kind == "layer":
+            return ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """RoPE cos/sin table, built lazily per (length, device) so meta-device construction stays cheap."""
+
+    def __init__(self, head_dim: int, *, theta: float, scaling: dict | None):
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
+            cos, sin = ops.rope_cache(seq_len, self.head_dim, theta=self.theta, scaling=self.scaling, device=device)
+            self._cache = (seq_len, device, cos, sin)
+        return self._cache[2][:seq_len], self._cache[3][:seq_len]  # (T, D) each
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        bias = cfg.arch == "gpt2"
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.head_dim = d
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, cfg.kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, cfg.kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=bias)
+        self.rotary = Rotary(d, theta=cfg.rope_theta, scaling=cfg.rope_scaling) if cfg.arch == "llama" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H)
+        b, t, _ = x.shape
+        d = self.head_dim
+        q = self.q_proj(x).view(b, t, -1, d).transpose(1, 2)  # (B, Hq, T, D); Hq local under TP
+        k = self.k_proj(x).view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.rotary is not None:
+            cos, sin = self.rotary(t, x.device)
+            q, k = ops.apply_rope(q, k, cos, sin)
+        y = ops.attention(q, k, v, causal=True)  # (B, Hq, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, H)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, f = cfg.hidden_size, cfg.ffn_size
+        self.swiglu = cfg.arch == "llama"
+        bias = not self.swiglu
+        self.gate_proj = nn.Linear(h, f, bias=False) if self.swiglu else None
+        self.up_proj = nn.Linear(h, f, bias=bias)
+        self.down_proj = nn.Linear(f, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
+        if self.swiglu:
+            return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))  # inner (B, T, F)
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        kind = "layer" if cfg.arch == "gpt2" else "rms"
+        self.attn_norm = Norm(cfg.hidden_size, kind=kind, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = Norm(cfg.hidden_size, kind=kind, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H)
+        x = x + self.dropout(self.attn(self.attn_norm(x)))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.arch == "gpt2" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, H)
+        h = self.wte(input_ids)
+        if self.wpe is not None:
+            if input_ids.shape[1] > self.wpe.num_embeddings:
+                raise ValueError(f"sequence length {input_ids.shape[1]} exceeds model.max_seq_len="
+                                 f"{self.wpe.num_embeddings}; shorten inputs or raise max_seq_len")
+            h = h + self.wpe(torch.arange(input_ids.shape[1], device=input_ids.device))
+        return self.dropout(h)
+
+
+class Head(nn.Module):
+    """Final norm + LM projection (weight shared with the token embedding when tied)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = Norm(cfg.hidden_size, kind="layer" if cfg.arch == "gpt2" else "rms", eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, V)
+        return self.lm_head(self.norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.is_transformer:
+            raise ValueError(f"model.arch={cfg.arch} is not a Transformer; use gpt2 or llama")
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size is 0; set it or prepare data first so it is read from the tokenizer")
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.tied:
+            self.head.lm_head.weight = self.embed.wte.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> logits (B, T, V)
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+    def num_params(self, *, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied weight counts once)."""
+        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        if exclude_embeddings:
+            n -= self.embed.wte.weight.numel() + (self.embed.wpe.weight.numel() if self.embed.wpe is not None else 0)
+        return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM convention: 6·N_matmul + 12·L·H·T.
+
+    N_matmul counts every weight that takes part in a matrix multiply (projections, MLP, LM head),
+    so it is exact for the dense work; the attention term counts QKᵀ and AV over the full T×T square
+    (causal masking is not subtracted, as in PaLM's MFU)."""
+    h, d, L = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+    attn = h * cfg.num_heads * d * 2 + h * cfg.kv_heads * d * 2  # q, o, k, v
+    mlp = h * cfg.ffn_size * (3 if cfg.arch == "llama" else 2)
+    n_matmul = L * (attn + mlp) + h * cfg.vocab_size
+    return 6.0 * n_matmul + 12.0 * L * cfg.num_heads * d * seq_len
+
+
+def init_weights(model: nn.Module, *, seed: int, std: float, num_layers: int) -> None:
+    """Initialise every parameter from a generator seeded by (seed, parameter name).
+
+    Each tensor depends only on its name, not on construction order or device, so a sharded model can
+    recreate the full tensor of any parameter and keep its slice: sharded init == unsharded init, sliced.
+    Residual output projections get std/sqrt(2·layers) (GPT-2) so the residual stream's variance stays flat.
+    """
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        full = init_tensor(name, tuple(p.shape), seed=seed, std=std, num_layers=num_layers)
+        with torch.no_grad():
+            p.copy_(full.to(p.dtype))
+
+
+def init_tensor(name: str, shape: tuple[int, ...], *, seed: int, std: float, num_layers: int) -> torch.Tensor:
+    """The initial value of the parameter called ``name`` (full, unsharded shape), on CPU in fp32."""
+    leaf = name.rsplit(".", 1)[-1]
+    if "norm" in name.rsplit(".", 2)[-2] and leaf == "weight":
+        return torch.ones(shape)
+    if leaf == "bias":
+        return torch.zeros(shape)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    scale = std / math.sqrt(2 * num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+    return torch.randn(shape, generator=gen) * scale
+
+
+def build_transformer(cfg: ModelConfig, *, seed: int = 0) -> Transformer:
+    model = Transformer(cfg)
+    init_weights(model, seed=seed, std=cfg.init_std, num_layers=cfg.num_layers)
+    return model
