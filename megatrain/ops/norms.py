@@ -1,12 +1,16 @@
 """LayerNorm and RMSNorm: dispatch + plain-torch references (fp32 statistics, output in input dtype)."""
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from megatrain.ops.dispatch import backend_for, provider, register
 
-register("layer_norm", "triton", "megatrain.triton_kernels.layer_norm")
-register("rms_norm", "triton", "megatrain.triton_kernels.rms_norm")
+_TRITON_LAYER_NORM = "megatrain.triton_kernels.layer_norm"
+_TRITON_RMS_NORM = "megatrain.triton_kernels.rms_norm"
+register("layer_norm", "triton", _TRITON_LAYER_NORM)
+register("rms_norm", "triton", _TRITON_RMS_NORM)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -39,3 +43,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if backend != "torch":
         return provider("rms_norm", backend)(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
+
+
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer_norm(x + residual), x + residual): fused in one kernel on the triton backend.
+
+    The new residual keeps ``residual``'s dtype, so an fp32 residual stream stays fp32."""
+    backend = backend_for("layer_norm", x.device)
+    if backend == "triton":
+        return importlib.import_module(_TRITON_LAYER_NORM).add_layer_norm(x, residual, weight, bias, eps)
+    h = (x + residual).to(residual.dtype)
+    return layer_norm(h, weight, bias, eps).to(x.dtype), h
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): fused in one kernel on the triton backend."""
+    backend = backend_for("rms_norm", x.device)
+    if backend == "triton":
+        return importlib.import_module(_TRITON_RMS_NORM).add_rms_norm(x, residual, weight, eps)
+    h = (x + residual).to(residual.dtype)
+    return rms_norm(h, weight, eps).to(torch.promote_types(x.dtype, weight.dtype)), h
