@@ -1,0 +1,7 @@
+"""Transforms over a built (pure) model, applied in one documented order by :func:`parallelize`:
+
+    kernels → tensor/sequence parallel → pipeline split → activation checkpointing → (ZeRO, by DeepSpeed)
+"""
+from megatrain.parallelize.apply import parallelize
+
+__all__ = ["parallelize"]

@@ -1,0 +1,145 @@
+"""Tokenizers behind one small interface: sentencepiece ``.model`` files and local Hugging Face tokenizer dirs.
+
+``load_tokenizer`` accepts a ``.model`` file, an HF tokenizer directory, or a prepared data directory
+(whose ``meta.json`` names the tokenizer it was tokenized with).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Iterable, Iterator
+
+# Special ids of the sentencepiece models we train; fixed so every prepared corpus agrees.
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """``encode(str) -> list[int]`` / ``decode(list[int]) -> str`` plus ``vocab_size``, ``eos_id``, ``bos_id``,
+    ``pad_id`` (None when the tokenizer has none) and ``path`` (what to pass to ``load_tokenizer`` again)."""
+
+    kind: str
+    path: str
+    vocab_size: int
+    eos_id: int
+    bos_id: int | None
+    pad_id: int | None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = int(self.sp.get_piece_size())
+        if self.sp.eos_id() < 0:
+            raise ValueError(f"tokenizer {path} has no EOS piece; documents cannot be separated — "
+                             "train it with eos_id set or leave data.tokenizer unset to train one")
+        self.eos_id = int(self.sp.eos_id())
+        self.bos_id = int(self.sp.bos_id()) if self.sp.bos_id() >= 0 else None
+        self.pad_id = int(self.sp.pad_id()) if self.sp.pad_id() >= 0 else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # One thread: prepare parallelises over worker processes already.
+        return self.sp.encode(texts, num_threads=1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer(Tokenizer):
+    kind = "hf"
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.path = path
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"data.tokenizer={path}: not a loadable Hugging Face tokenizer directory "
+                             f"({str(err).splitlines()[0]}); point it at a dir with tokenizer.json/tokenizer_config.json") from None
+        self.vocab_size = len(self.tok)  # includes added special tokens
+        eos = self.tok.eos_token_id
+        if eos is None:
+            raise ValueError(f"data.tokenizer={path}: the HF tokenizer defines no eos_token; set one "
+                             "(tokenizer.eos_token = ...) and save_pretrained it again")
+        self.eos_id = int(eos)
+        self.bos_id = self.tok.bos_token_id
+        self.pad_id = self.tok.pad_token_id
+
+    def encode(self, text: str) -> list[int]:
+        # add_special_tokens=False: prepare inserts EOS itself, exactly once per document.
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False,
+                               clean_up_tokenization_spaces=False)
+
+
+def load_tokenizer(path_or_data_dir: str) -> Tokenizer:
+    """Load a sentencepiece ``.model``, an HF tokenizer dir, or the tokenizer of a prepared data dir."""
+    path = os.fspath(path_or_data_dir)
+    if not os.path.exists(path):
+        raise ValueError(f"tokenizer path {path} does not exist; pass a .model file, an HF tokenizer dir, "
+                         "or a prepared data dir (run launch/prepare.py first)")
+    if os.path.isdir(path):
+        meta_path = os.path.join(path, "meta.json")
+        if os.path.isfile(meta_path):
+            with open(meta_path, encoding="utf-8") as f:
+                rel = json.load(f)["tokenizer"]["path"]
+            return load_tokenizer(os.path.join(path, rel))
+        if os.path.isfile(os.path.join(path, "tokenizer.model")) and not _is_hf_dir(path):
+            return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
+        if _is_hf_dir(path):
+            return HFTokenizer(path)
+        raise ValueError(f"{path}: no meta.json, tokenizer.model or tokenizer.json/tokenizer_config.json inside; "
+                         "point data.tokenizer at a tokenizer or run launch/prepare.py")
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path)
+    raise ValueError(f"tokenizer path {path}: expected a sentencepiece .model file or an HF tokenizer directory")
+
+
+def _is_hf_dir(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def train_sentencepiece(sentences: Iterator[str], out_path: str, *, vocab_size: int, num_threads: int = 2) -> None:
+    """Train a BPE sentencepiece model for source code and prose, written to ``out_path``.
+
+    Choices, all so that ``decode(encode(text)) == text`` for any cleaned text:
+    identity normalisation, no dummy prefix, extra whitespace kept, byte fallback for unseen characters,
+    and '\\n'/'\\t' as their own pieces. Whitespace-only pieces let an indent of 8 spaces be one token.
+    BPE over unigram: on 3 MB of stdlib code with vocab 4096 it trained in 0.5 s vs 6.6 s and packs
+    ~7% more bytes per token (3.03 vs 2.84).
+    """
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, user_defined_symbols=["\n", "\t"], allow_whitespace_only_pieces=True,
+        split_digits=True, max_sentence_length=8192, character_coverage=0.9995,
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+        # A tiny corpus may not support vocab_size pieces; take what it supports instead of failing.
+        hard_vocab_limit=False, num_threads=num_threads, minloglevel=2)
+    with open(out_path, "wb") as f:
+        f.write(model.getvalue())
+        f.flush()
+        os.fsync(f.fileno())

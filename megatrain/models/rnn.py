@@ -1,0 +1,123 @@
+"""LSTM / GRU models (pure architecture, plain torch): a language model and a sequence classifier.
+
+Both embed tokens into ``hidden_size`` and run a multi-layer ``nn.LSTM``/``nn.GRU`` (dropout between layers).
+The LM predicts the next token at every position, so it is unidirectional (a backward pass would read the
+answer); its head may share the embedding matrix (``model.tie_embeddings``, Press & Wolf 2017). The classifier
+may be bidirectional and classifies from the final hidden state of the top layer (both directions concatenated).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from megatrain.config.schema import ModelConfig
+
+_RNN = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def _check(model_cfg: ModelConfig, vocab_size: int) -> None:
+    if model_cfg.arch not in _RNN:
+        raise ValueError(f"model.arch={model_cfg.arch} is not an RNN; use arch: lstm or gru")
+    if vocab_size <= 0:
+        raise ValueError("model.vocab_size is 0; set it or prepare data first so it is read from the tokenizer")
+
+
+def _make_rnn(model_cfg: ModelConfig, *, bidirectional: bool) -> nn.RNNBase:
+    # nn.LSTM applies dropout only between layers; it warns (and does nothing) with one layer.
+    between = model_cfg.dropout if model_cfg.num_layers > 1 else 0.0
+    return _RNN[model_cfg.arch](model_cfg.hidden_size, model_cfg.hidden_size, num_layers=model_cfg.num_layers,
+                                dropout=between, batch_first=True, bidirectional=bidirectional)
+
+
+def _init_rnn(rnn: nn.RNNBase, hidden: int) -> None:
+    # torch's default U(-1/√H, 1/√H) is kept for the weights. LSTM forget-gate biases start at 1 so early
+    # gradients flow through the cell state (Jozefowicz et al. 2015); torch stores gates as [i, f, g, o].
+    if isinstance(rnn, nn.LSTM):
+        for name, p in rnn.named_parameters():
+            if name.startswith("bias_ih"):
+                with torch.no_grad():
+                    p.zero_()
+                    p[hidden:2 * hidden].fill_(1.0)
+            elif name.startswith("bias_hh"):
+                with torch.no_grad():
+                    p.zero_()
+
+
+class RNNLanguageModel(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        _check(model_cfg, vocab_size)
+        if model_cfg.bidirectional:
+            raise ValueError("model.bidirectional=true with task language_modeling would see future tokens; "
+                             "set bidirectional: false (it is for classification)")
+        h = model_cfg.hidden_size
+        self.embed = nn.Embedding(vocab_size, h)
+        self.drop = nn.Dropout(model_cfg.dropout)
+        self.rnn = _make_rnn(model_cfg, bidirectional=False)
+        self.lm_head = nn.Linear(h, vocab_size, bias=False)
+        self.tied = model_cfg.tied
+        if self.tied:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> logits (B, T, V)
+        x = self.drop(self.embed(input_ids))  # (B, T, H)
+        h, _ = self.rnn(x)  # (B, T, H)
+        return self.lm_head(self.drop(h))
+
+    def num_params(self, *, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied weight counts once)."""
+        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        return n - self.embed.weight.numel() if exclude_embeddings else n
+
+
+class RNNClassifier(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        _check(model_cfg, vocab_size)
+        h = model_cfg.hidden_size
+        self.num_directions = 2 if model_cfg.bidirectional else 1
+        self.embed = nn.Embedding(vocab_size, h)
+        self.drop = nn.Dropout(model_cfg.dropout)
+        self.rnn = _make_rnn(model_cfg, bidirectional=model_cfg.bidirectional)
+        self.fc = nn.Linear(h * self.num_directions, model_cfg.num_classes)
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids, optional (B,) true lengths of right-padded rows -> logits (B, num_classes)."""
+        x = self.drop(self.embed(input_ids))  # (B, T, H)
+        if lengths is not None:
+            # packing makes the final state the one at each row's own last token, not at the padding
+            x = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, state = self.rnn(x)
+        h_n = state[0] if isinstance(state, tuple) else state  # (L·D, B, H); LSTM returns (h_n, c_n)
+        top = h_n[-self.num_directions:]  # (D, B, H): forward (and backward) state of the top layer
+        feats = top.transpose(0, 1).reshape(input_ids.shape[0], -1)  # (B, D·H)
+        return self.fc(self.drop(feats))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _init(model: nn.Module, model_cfg: ModelConfig, seed: int) -> None:
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        model.embed.weight.copy_(torch.randn(model.embed.weight.shape, generator=gen) * model_cfg.init_std)
+    _init_rnn(model.rnn, model_cfg.hidden_size)
+
+
+def build_rnn_lm(model_cfg: ModelConfig, vocab_size: int, *, seed: int = 0) -> RNNLanguageModel:
+    """LSTM/GRU language model: ``forward(input_ids (B, T)) -> logits (B, T, V)`` like the Transformer."""
+    with torch.random.fork_rng(devices=[]):  # never shift the caller's random stream
+        torch.manual_seed(seed)
+        model = RNNLanguageModel(model_cfg, vocab_size)
+        _init(model, model_cfg, seed)
+    return model
+
+
+def build_rnn_classifier(model_cfg: ModelConfig, vocab_size: int, *, seed: int = 0) -> RNNClassifier:
+    """LSTM/GRU sequence classifier: ``forward(input_ids (B, T), lengths=None) -> logits (B, C)``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = RNNClassifier(model_cfg, vocab_size)
+        _init(model, model_cfg, seed)
+    return model

@@ -1,0 +1,66 @@
+"""Next-token language modelling on prepared token shards (Transformers and RNN LMs)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+from megatrain import ops
+from megatrain.config.schema import Config
+
+
+def read_vocab_size(data_path: str) -> int:
+    meta = os.path.join(data_path, "meta.json")
+    if not os.path.isfile(meta):
+        raise ValueError(f"data.path={data_path}: no meta.json; run `python launch/prepare.py --config ...` first "
+                         "or set model.vocab_size")
+    with open(meta, encoding="utf-8") as f:
+        return int(json.load(f)["vocab_size"])
+
+
+class LanguageModelingTask:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = read_vocab_size(cfg.data.path)
+
+    def build_model(self) -> nn.Module:
+        if self.cfg.model.is_transformer:
+            from megatrain.models.transformer import build_transformer
+            return build_transformer(self.cfg.model, seed=self.cfg.train.seed)
+        from megatrain.models.rnn import build_rnn_lm  # lstm / gru language models
+        torch.manual_seed(self.cfg.train.seed)
+        return build_rnn_lm(self.cfg.model, self.cfg.model.vocab_size)
+
+    def train_dataset(self):
+        from megatrain.data.dataset import PackedTokenDataset
+        return PackedTokenDataset(self.cfg.data.path, "train", self.cfg.seq_len)
+
+    def val_dataset(self):
+        from megatrain.data.dataset import PackedTokenDataset
+        try:
+            return PackedTokenDataset(self.cfg.data.path, "val", self.cfg.seq_len)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def loss_and_stats(self, model, batch):
+        logits = model(batch["input_ids"])  # (B, T, V)
+        return self.loss_from_logits(logits, batch)
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: dict):
+        labels = batch["labels"]  # (B, T)
+        loss = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                 label_smoothing=self.cfg.train.label_smoothing)
+        count = (labels != -100).sum()
+        stats = {"loss_sum": loss.detach().float() * count, "count": count.float()}
+        return loss, stats
+
+    def summarize(self, stats):
+        loss = (stats["loss_sum"] / stats["count"].clamp_min(1)).item()
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+    def items_in(self, batch) -> int:
+        return batch["input_ids"].numel()

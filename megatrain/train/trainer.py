@@ -1,0 +1,216 @@
+"""Trainer: the training loop on DeepSpeed's engine (ZeRO, mixed precision, accumulation, clipping).
+
+megatrain owns what DeepSpeed does not: the task (model + data + loss), the deterministic data position,
+per-step RNG, validation, logging and checkpoint bookkeeping. One step = ``grad_accum`` micro-batches per
+data-parallel rank; DeepSpeed steps the optimizer and scheduler at the accumulation boundary.
+"""
+from __future__ import annotations
+
+import os
+import time
+import zlib
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import default_collate
+
+from megatrain.config import Config, resolve_layout, to_deepspeed
+from megatrain.dist.env import device as current_device
+from megatrain.dist.env import init_distributed
+from megatrain.train import checkpoint as ckpt
+from megatrain.train.logging import RunLogger
+from megatrain.train.regularization import param_groups, penalty
+from megatrain.train.schedules import lr_multiplier
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """RNG seed for (step, rank): resume restores dropout/augmentation RNG exactly without saving it."""
+    return zlib.crc32(f"{seed}/{step}/{rank}".encode())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, task=None, *, local_rank: int | None = None):
+        self.cfg = cfg
+        self.rank, self.world, _ = init_distributed(local_rank)
+        self.layout = resolve_layout(cfg, self.world)
+        from megatrain.dist.dims import DeepSpeedMPU, build_parallel_dims
+        self.dims = build_parallel_dims(tp=self.layout.tp, pp=self.layout.pp, dp=self.layout.dp)
+        if task is None:
+            from megatrain.train.tasks import make_task
+            task = make_task(cfg)
+        self.task = task
+        self.device = current_device()
+        self._check_precision()
+        if (cfg.train.l1 or cfg.train.l2) and cfg.parallel.zero_stage == 3:
+            raise ValueError("train.l1/l2 penalties need whole parameters; with parallel.zero_stage=3 use "
+                             "train.weight_decay instead, or zero_stage<=2")
+        self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
+
+        from megatrain.parallelize import parallelize
+        model = parallelize(task.build_model(), cfg, self.dims)
+        self.model_for_penalty = model
+        self.engine, self.optimizer, self.scheduler = self._deepspeed(model, DeepSpeedMPU(self.dims))
+        self.train_data = task.train_dataset()
+        self.val_data = task.val_dataset()
+        from megatrain.data.sampler import GlobalBatchSampler
+        self.sampler = GlobalBatchSampler(len(self.train_data), cfg.train.global_batch_size, cfg.train.seed)
+        self.step = 0
+        self.resumed_from: str | None = None
+        self._maybe_resume()
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _check_precision(self) -> None:
+        if self.device.type == "cpu" and self.cfg.train.precision == "fp16":
+            raise ValueError("train.precision=fp16 is not supported on CPU (no fp16 kernels); use bf16 or fp32")
+
+    def _deepspeed(self, model, mpu):
+        import deepspeed
+        from megatrain.ops import make_adamw
+
+        t = self.cfg.train
+        groups = param_groups(model, t.weight_decay)
+        if t.optimizer == "adamw":
+            opt = make_adamw(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                             offload=self.cfg.parallel.offload_optimizer == "cpu")
+        else:
+            opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(t))
+        ds_config = to_deepspeed(self.cfg, self.layout)
+        engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                     config=ds_config, mpu=mpu)
+        return engine, opt, sched
+
+    def _maybe_resume(self) -> None:
+        cfg = self.cfg.checkpoint
+        where = ckpt.resolve_resume(cfg.resume, self.ckpt_dir)
+        if where is None:
+            return
+        meta = ckpt.load(self.engine, where, load_optimizer=not cfg.reset_optimizer)
+        self.step = 0 if cfg.reset_schedule else int(meta["step"])
+        if cfg.reset_schedule:  # continual training: fresh schedule over the new max_steps
+            self.scheduler.last_epoch = -1
+            self.scheduler.step()
+        self.resumed_from = os.path.join(*where)
+
+    # ---- data --------------------------------------------------------------------------------------
+    def _micro_batch(self, indices: list[int], dataset) -> dict:
+        batch = default_collate([dataset[i] for i in indices])
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _global_indices(self, step: int) -> list[int]:
+        return self.sampler.indices_for_step(step)
+
+    @staticmethod
+    def _reduce(stats: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:
+        """Sum statistics over ``group`` in one collective (counts, not averages, are summed)."""
+        keys = sorted(stats)
+        flat = torch.cat([stats[k].float().reshape(-1) for k in keys])
+        dist.all_reduce(flat, group=group)
+        out, i = {}, 0
+        for k in keys:
+            n = stats[k].numel()
+            out[k] = flat[i:i + n].reshape(stats[k].shape)
+            i += n
+        return out
+
+    @staticmethod
+    def _add(total: dict, stats: dict) -> dict:
+        for k, v in stats.items():
+            v = v.detach().float().cpu()
+            total[k] = total[k] + v if k in total else v
+        return total
+
+    # ---- loop --------------------------------------------------------------------------------------
+    def train_step(self) -> tuple[dict[str, float], int]:
+        """One optimizer step; returns (summed-and-summarised metrics, items processed globally)."""
+        from megatrain.data.sampler import rank_slice
+
+        lay, dims, t = self.layout, self.dims, self.cfg.train
+        torch.manual_seed(step_seed(t.seed, self.step, self.rank))
+        indices = self._global_indices(self.step)
+        self.engine.train()
+        totals: dict[str, torch.Tensor] = {}
+        items = 0
+        for micro in range(lay.grad_accum):
+            mb = rank_slice(indices, dp_rank=dims.dp_rank, dp_size=dims.dp, micro_batch_size=lay.micro_batch_size,
+                            micro_step=micro)
+            batch = self._micro_batch(mb, self.train_data)
+            loss, stats = self.task.loss_and_stats(self.engine, batch)
+            extra = penalty(self.model_for_penalty, l1=t.l1, l2=t.l2)
+            self.engine.backward(loss if extra is None else loss + extra)
+            self.engine.step()
+            self._add(totals, stats)
+            items += self.task.items_in(batch)
+        totals = self._reduce(totals, dims.dp_group)
+        return self.task.summarize(totals), items * dims.dp
+
+    @torch.no_grad()
+    def evaluate(self, dataset=None, *, max_batches: int | None = None) -> dict[str, float]:
+        """Validation metrics over the first ``eval_batches`` micro-batches per rank, summed over dp."""
+        dataset = dataset if dataset is not None else self.val_data
+        if dataset is None or len(dataset) == 0:
+            return {}
+        dims, micro = self.dims, self.layout.micro_batch_size
+        n_batches = max_batches or self.cfg.train.eval_batches
+        self.engine.eval()
+        totals: dict[str, torch.Tensor] = {}
+        for b in range(n_batches):
+            start = (b * dims.dp + dims.dp_rank) * micro
+            if start >= len(dataset):
+                break
+            idx = list(range(start, min(start + micro, len(dataset))))
+            _, stats = self.task.loss_and_stats(self.engine, self._micro_batch(idx, dataset))
+            self._add(totals, stats)
+        if not totals:  # this rank got no batch: contribute zeros so the collective still matches
+            idx = list(range(min(micro, len(dataset))))
+            _, stats = self.task.loss_and_stats(self.engine, self._micro_batch(idx, dataset))
+            totals = {k: torch.zeros_like(v.detach().float().cpu()) for k, v in stats.items()}
+        self.engine.train()
+        return self.task.summarize(self._reduce(totals, dims.dp_group))
+
+    def save(self) -> str:
+        state = {"step": self.step, "seed": self.cfg.train.seed, "consumed_samples": self.step * self.layout.global_batch_size,
+                 "layout": self.layout.__dict__, "config": self.cfg.model_dump(mode="json")}
+        return ckpt.save(self.engine, self.ckpt_dir, self.step, state, keep_last=self.cfg.checkpoint.keep_last)
+
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg
+        logger = RunLogger(cfg.log.dir, total_steps=cfg.train.max_steps, start_step=self.step,
+                           progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, active=self.rank == 0)
+        if self.rank == 0:
+            from megatrain.config import dump_config
+            os.makedirs(cfg.log.dir, exist_ok=True)
+            ckpt.atomic_write_text(os.path.join(cfg.log.dir, "config.yaml"), dump_config(cfg))
+        n_params = sum(p.numel() for p in self.model_for_penalty.parameters())
+        logger.message(f"megatrain: {cfg.model.arch} {n_params / 1e6:.2f}M params/rank | {self.layout.describe()} | "
+                       f"zero={cfg.parallel.zero_stage} precision={cfg.train.precision} device={self.device.type}"
+                       + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
+        last: dict[str, float] = {}
+        first_step = self.step
+        try:
+            while self.step < cfg.train.max_steps:
+                lr = self.scheduler.get_last_lr()[0]
+                t0 = time.perf_counter()
+                metrics, items = self.train_step()
+                dt = time.perf_counter() - t0
+                self.step += 1
+                record = {"step": self.step, **metrics, "lr": lr, "tokens_per_s": items / dt, "step_time_s": dt}
+                every = cfg.train.eval_every
+                if self.val_data is not None and ((every and self.step % every == 0) or self.step == cfg.train.max_steps):
+                    record.update({f"val_{k}": v for k, v in self.evaluate().items()})
+                if self.step % cfg.train.log_every == 0 or "val_loss" in record or self.step == cfg.train.max_steps:
+                    logger.log(record)
+                last = record
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+            saved = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+            if cfg.checkpoint.save_final and self.step > first_step and not saved:
+                self.save()
+        finally:
+            logger.close()
+        if self.rank == 0 and cfg.log.report:
+            from megatrain.train.report import write_report
+            path = write_report(cfg.log.dir)
+            if path:
+                logger.message(f"report: {path}")
+        return last
