@@ -1,0 +1,41 @@
+"""Process bootstrap: one code path for `deepspeed`, `torchrun` and plain `python` launches."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed; returns (rank, world_size, local_rank).
+
+    ``deepspeed`` and ``torchrun`` export RANK/WORLD_SIZE/MASTER_*; a plain ``python`` launch has none,
+    so a one-rank group on a free loopback port is made (the same code then runs everywhere)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    lr = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(lr)
+    return dist.get_rank(), dist.get_world_size(), lr
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
