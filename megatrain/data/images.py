@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from megatrain.data.augment import AugmentSpec, augment_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -149,35 +148,31 @@ def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ImageDataset(Dataset):
-    """Items ``{"image": (C, H, W) float32 normalised, "label": int64, "index": int64}``.
+    """Items ``{"image": (C, H, W) float32 in [0, 1], "label": int64, "index": int64}`` of ``indices``.
 
-    With an ``augment`` spec each item is augmented (on [0, 1] pixels, before normalisation) from
-    ``(seed, epoch, index)``; call :meth:`set_epoch` at each epoch boundary so epochs see fresh draws.
+    Pixels stay raw: normalisation and augmentation run batched on the training device in the task
+    (:func:`normalize`, :func:`megatrain.data.augment.augment_batch`), keyed on ``index`` — the sample's
+    position in the full pool, so a sample's augmentation does not depend on which split or fold holds it.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, indices: np.ndarray, *, mean: np.ndarray, std: np.ndarray,
-                 augment: AugmentSpec | None = None, seed: int = 0):
+    def __init__(self, x: np.ndarray, y: np.ndarray, indices: np.ndarray):
         self.x = torch.from_numpy(np.ascontiguousarray(x))
         self.y = torch.from_numpy(np.ascontiguousarray(y))
         self.indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        self.mean = torch.as_tensor(mean).view(-1, 1, 1)
-        self.std = torch.as_tensor(std).view(-1, 1, 1)
-        self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        j = int(self.indices[i])  # index into the full pool: augmentation keyed on it is split-independent
-        img = self.x[j]  # (C, H, W) in [0, 1]
-        if self.augment is not None:
-            img = augment_image(img, self.augment, seed=self.seed, epoch=self.epoch, index=j)
-        return {"image": (img - self.mean) / self.std, "label": self.y[j], "index": torch.tensor(j)}
+        j = int(self.indices[i])
+        return {"image": self.x[j], "label": self.y[j], "index": torch.tensor(j)}
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) [0, 1] pixels -> zero-mean unit-std per channel with the training split's (C,) statistics."""
+    mean = mean.to(images.device, images.dtype).view(1, -1, 1, 1)
+    std = std.to(images.device, images.dtype).view(1, -1, 1, 1)
+    return (images - mean) / std
 
 
 class TokenSequenceDataset(Dataset):

@@ -1,0 +1,81 @@
+"""``PackedTokenDataset``: fixed-length next-token samples cut from one split of a prepared data dir.
+
+The split's documents, each already followed by EOS in the shards, form one token stream of N tokens.
+Sample i is the window ``stream[i*T : i*T + T + 1]`` (T = seq_len): ``input_ids`` its first T tokens,
+``labels`` its last T. Windows share one boundary token, so every token but the first is a label exactly
+once, and there are ``(N - 1) // T`` samples. Reads are zero-copy slices of the memory-mapped shards.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from megatrain.data.indexed import ShardReader
+from megatrain.data.prepare import read_meta
+
+
+class PackedTokenDataset(torch.utils.data.Dataset):
+    def __init__(self, path: str, split: str, seq_len: int):
+        if seq_len <= 0:
+            raise ValueError(f"data.seq_len={seq_len} must be positive")
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.meta = read_meta(self.path)
+        if split not in self.meta["splits"]:
+            raise ValueError(f"split {split!r} not in {self.path} (has {sorted(self.meta['splits'])})")
+        self.split = split
+        self.seq_len = seq_len
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.eos_id = int(self.meta["eos_id"])
+        self._shard_names = list(self.meta["splits"][split]["shards"])
+        self._open()
+        self.num_tokens = int(self._starts[-1])
+        self.num_samples = max(0, (self.num_tokens - 1) // seq_len)
+        if self.num_samples == 0:
+            raise ValueError(
+                f"split '{split}' of {self.path} has {self.num_tokens} tokens, fewer than one sample of "
+                f"seq_len+1={seq_len + 1}; lower data.seq_len, add data (data.max_bytes/sources)"
+                + (" or raise data.val_fraction" if split == "val" else ""))
+
+    def _open(self) -> None:
+        # Shards are validated (sizes, magic, offsets) on open: a truncated one raises CorruptShardError.
+        self._shards = [ShardReader(os.path.join(self.path, name)) for name in self._shard_names]
+        sizes = [s.num_tokens for s in self._shards]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (num_shards + 1,)
+        if int(self._starts[-1]) != int(self.meta["splits"][self.split]["num_tokens"]):
+            raise ValueError(f"{self.path}: shards of split '{self.split}' hold {int(self._starts[-1])} tokens but "
+                             f"meta.json records {self.meta['splits'][self.split]['num_tokens']}; prepare again with --force")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``stream[start:start+length]`` as int64, (length,), gathered across shard boundaries."""
+        parts, pos, end = [], start, start + length
+        k = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while pos < end:
+            shard, base = self._shards[k], int(self._starts[k])
+            stop = min(end, int(self._starts[k + 1]))
+            parts.append(shard.tokens[pos - base:stop - base])
+            pos, k = stop, k + 1
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out.astype(np.int64)  # copies out of the read-only map; torch needs a writable buffer
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i < 0:
+            i += self.num_samples
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for split '{self.split}' ({self.num_samples} samples)")
+        tokens = torch.from_numpy(self.window(i * self.seq_len, self.seq_len + 1))  # (T + 1,)
+        return {"input_ids": tokens[:-1], "labels": tokens[1:]}  # (T,), (T,)
+
+    # Pickling (DataLoader workers under spawn) ships the path, not the mapped pages; reopened on arrival.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_shards", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
