@@ -31,9 +31,21 @@ def parse_overrides(args: Iterable[str]) -> dict[str, Any]:
         else:
             raise ConfigError(f"override {arg!r} has no value; write {arg}=VALUE")
         # YAML typing: 2 → int, 1e-3 → float, true → bool, [1,2] → list, null → None
-        out[key] = yaml.safe_load(raw) if raw != "" else ""
+        out[key] = _typed(raw)
         i += 1
     return out
+
+
+def _typed(raw: str) -> Any:
+    if raw == "":
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; numbers should be numbers
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
