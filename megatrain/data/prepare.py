@@ -142,14 +142,14 @@ def _read_corpus(data_cfg) -> tuple[list[str], dict]:
     total = 0
     truncated = False
     for _origin, raw in iter_documents(list(data_cfg.sources), src_stats):
-        if data_cfg.max_bytes is not None and total >= data_cfg.max_bytes:
-            truncated = True
-            break
         text = cleaner(raw)
         if text is None:
             continue
         docs.append(text)
         total += len(text.encode("utf-8"))
+        if data_cfg.max_bytes is not None and total >= data_cfg.max_bytes:
+            truncated = True  # the document that crosses max_bytes is kept whole: no cut documents
+            break
     bad = src_stats.undecodable
     if bad:
         log.warning("skipped %d input(s) that are not valid UTF-8 (e.g. %s); re-encode them as UTF-8 to include them",

@@ -1,0 +1,29 @@
+"""Prepare text data: `python launch/prepare.py --config recipes/X.yaml [--data.key=value ...] [--force]`.
+
+Reads data.sources, cleans and deduplicates, trains or loads the tokenizer, and writes the .bin/.idx
+shards and meta.json under data.path (see docs/data.md). A second run with the same data config reuses them."""
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatrain.cli_args import fail, parse  # noqa: E402
+
+
+def main(argv=None):
+    cfg, args, _ = parse(argv, description=__doc__, extra=[
+        ("--force", {"action": "store_true", "help": "prepare again even if data.path is up to date"})])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from megatrain.data import prepare_corpus
+    try:
+        summary = prepare_corpus(cfg.data, seed=cfg.train.seed, force=args.force)
+    except ValueError as err:
+        fail(err)
+    summary.pop("config", None)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
