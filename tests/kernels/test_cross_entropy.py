@@ -1,0 +1,131 @@
+"""Cross-entropy kernels vs the torch reference and fp64: plain, fused linear+CE, vocab-parallel."""
+import pytest
+import torch
+
+from tests.kernels.conftest import DEVICE, check_against_reference
+
+from megatrain.ops.cross_entropy import cross_entropy_reference
+from megatrain.triton_kernels.cross_entropy import cross_entropy
+
+
+def _labels(n, v, *, ignore_index=-100, frac_ignored=0.2):
+    labels = torch.randint(0, v, (n,))
+    labels[torch.rand(n) < frac_ignored] = ignore_index
+    return labels
+
+
+@pytest.mark.parametrize("n,v", [(1, 7), (13, 97), (6, 200)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_matches_reference(n, v, reduction, smoothing):
+    logits = (3 * torch.randn(n, v)).requires_grad_()
+    labels = _labels(n, v)
+    labels[0] = v - 1  # the last column sits in the masked tail of the last block
+
+    def kernel(x, y):
+        return cross_entropy(x, y, label_smoothing=smoothing, reduction=reduction)
+
+    def ref(x, y):
+        return cross_entropy_reference(x, y, label_smoothing=smoothing, reduction=reduction)
+
+    check_against_reference(kernel, ref, [logits, labels])
+
+
+def test_cross_entropy_custom_ignore_index_and_reuse_logits():
+    logits = torch.randn(9, 50, device=DEVICE)
+    labels = _labels(9, 50, ignore_index=3, frac_ignored=0.4).to(DEVICE)
+    x_ref = logits.clone().requires_grad_()
+    loss_ref = cross_entropy_reference(x_ref, labels, ignore_index=3)
+    loss_ref.backward()
+    x = logits.clone().requires_grad_()
+    buf = x.detach()  # the kernel writes the gradient over this storage
+    loss = cross_entropy(x * 1.0, labels, ignore_index=3, reuse_logits=True)  # x*1.0: a non-leaf to overwrite
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(buf, logits)  # the leaf itself was never touched
+
+
+def test_cross_entropy_all_ignored_is_nan_like_torch():
+    logits = torch.randn(3, 11, device=DEVICE, requires_grad=True)
+    labels = torch.full((3,), -100, device=DEVICE)
+    loss = cross_entropy(logits, labels)
+    assert torch.isnan(loss) and torch.isnan(cross_entropy_reference(logits, labels))
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_cross_entropy_rejects_bad_reduction():
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(torch.randn(2, 5, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE),
+                      reduction="avg")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("v", [50257, 128256])
+def test_cross_entropy_gpu(dtype, v):
+    logits = torch.randn(1025, v).requires_grad_()
+    labels = _labels(1025, v)
+    check_against_reference(lambda x, y: cross_entropy(x, y, label_smoothing=0.1),
+                            lambda x, y: cross_entropy_reference(x, y, label_smoothing=0.1),
+                            [logits, labels], dtype=dtype, atol_floor=1e-4)
+
+
+# ---- fused linear + cross-entropy -------------------------------------------------------------------
+
+from megatrain.triton_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy  # noqa: E402
+
+
+def _linear_ce_ref(h, w, y, b, smoothing, reduction):
+    logits = h @ w.t()
+    if b is not None:
+        logits = logits + b
+    return cross_entropy_reference(logits, y, label_smoothing=smoothing, reduction=reduction)
+
+
+@pytest.mark.parametrize("n,hid,v,chunk,with_bias", [(1, 16, 9, None, True), (37, 24, 101, 8, False),
+                                                     (20, 8, 64, None, True)])
+@pytest.mark.parametrize("reduction,smoothing", [("mean", 0.0), ("sum", 0.1)])
+def test_fused_linear_cross_entropy_matches_reference(n, hid, v, chunk, with_bias, reduction, smoothing):
+    h = torch.randn(n, hid).requires_grad_()
+    w = (torch.randn(v, hid) / hid ** 0.5).requires_grad_()
+    b = (0.1 * torch.randn(v)).requires_grad_() if with_bias else None
+    y = _labels(n, v)
+
+    def kernel(h, w, y, b):
+        return fused_linear_cross_entropy(h, w, y, bias=b, label_smoothing=smoothing, reduction=reduction,
+                                          chunk_size=chunk)
+
+    def ref(h, w, y, b):
+        return _linear_ce_ref(h, w, y, b, smoothing, reduction)
+
+    check_against_reference(kernel, ref, [h, w, y, b])
+
+
+def test_fused_linear_cross_entropy_frozen_weight():
+    h = torch.randn(5, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(11, 8, device=DEVICE)  # no grad: the kernel must skip dW
+    y = torch.randint(0, 11, (5,), device=DEVICE)
+    loss = fused_linear_cross_entropy(h, w, y)
+    (2 * loss).backward()
+    h_ref = h.detach().clone().requires_grad_()
+    (2 * _linear_ce_ref(h_ref, w, y, None, 0.0, "mean")).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_linear_cross_entropy_rejects_none_reduction():
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(torch.randn(2, 4, device=DEVICE), torch.randn(3, 4, device=DEVICE),
+                                   torch.zeros(2, dtype=torch.long, device=DEVICE), reduction="none")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("v", [50257, 128256])
+def test_fused_linear_cross_entropy_gpu_bf16(v):
+    h = torch.randn(1025, 512).requires_grad_()
+    w = (torch.randn(v, 512) / 512 ** 0.5).requires_grad_()
+    y = _labels(1025, v)
+    check_against_reference(lambda h, w, y: fused_linear_cross_entropy(h, w, y),
+                            lambda h, w, y: _linear_ce_ref(h, w, y, None, 0.0, "mean"),
+                            [h, w, y], dtype=torch.bfloat16, atol_floor=1e-3)
