@@ -140,18 +140,20 @@ def init_resnet(model: ResNet) -> None:
             nn.init.zeros_(m.last_bn.weight)
 
 
-def build_resnet(model_cfg: ModelConfig, *, seed: int = 0, image_size: int | None = None,
+def build_resnet(model_cfg: ModelConfig, *, seed: int | None = None, image_size: int | None = None,
                  stem: Literal["auto", "small", "imagenet"] = "auto") -> ResNet:
-    """ResNet from the config; ``stem='auto'`` picks the ImageNet stem for images ≥ 64 px when the size is given."""
+    """ResNet from the config; ``stem='auto'`` picks the ImageNet stem for images ≥ 64 px when the size is given.
+    ``seed=None`` draws the init from the global RNG (seed it first); an int uses a private stream."""
     if model_cfg.arch != "resnet":
         raise ValueError(f"model.arch={model_cfg.arch} is not a CNN; use arch: resnet")
     if stem == "auto":
         stem = "imagenet" if (image_size or 0) >= IMAGENET_STEM_MIN_SIZE else "small"
-    # Init under a private RNG so building a model never shifts the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ResNet(in_channels=model_cfg.in_channels, num_classes=model_cfg.num_classes,
-                       widths=list(model_cfg.widths), blocks_per_stage=list(model_cfg.blocks_per_stage),
-                       block=model_cfg.block, stem=stem, dropout=model_cfg.dropout)
-        init_resnet(model)
+    if seed is not None:  # a private stream: building never shifts the caller's RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_resnet(model_cfg, seed=None, image_size=image_size, stem=stem)
+    model = ResNet(in_channels=model_cfg.in_channels, num_classes=model_cfg.num_classes,
+                   widths=list(model_cfg.widths), blocks_per_stage=list(model_cfg.blocks_per_stage),
+                   block=model_cfg.block, stem=stem, dropout=model_cfg.dropout)
+    init_resnet(model)
     return model

@@ -98,26 +98,28 @@ class RNNClassifier(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _init(model: nn.Module, model_cfg: ModelConfig, seed: int) -> None:
+def _init(model: nn.Module, model_cfg: ModelConfig) -> None:
     with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        model.embed.weight.copy_(torch.randn(model.embed.weight.shape, generator=gen) * model_cfg.init_std)
+        model.embed.weight.normal_(0.0, model_cfg.init_std)  # small: a tied head starts near uniform logits
     _init_rnn(model.rnn, model_cfg.hidden_size)
 
 
-def build_rnn_lm(model_cfg: ModelConfig, vocab_size: int, *, seed: int = 0) -> RNNLanguageModel:
-    """LSTM/GRU language model: ``forward(input_ids (B, T)) -> logits (B, T, V)`` like the Transformer."""
-    with torch.random.fork_rng(devices=[]):  # never shift the caller's random stream
+def _build(cls, model_cfg: ModelConfig, vocab_size: int, seed: int | None):
+    if seed is None:  # the caller seeded the global RNG
+        model = cls(model_cfg, vocab_size)
+        _init(model, model_cfg)
+        return model
+    with torch.random.fork_rng(devices=[]):  # a private stream: building never shifts the caller's RNG
         torch.manual_seed(seed)
-        model = RNNLanguageModel(model_cfg, vocab_size)
-        _init(model, model_cfg, seed)
-    return model
+        return _build(cls, model_cfg, vocab_size, None)
 
 
-def build_rnn_classifier(model_cfg: ModelConfig, vocab_size: int, *, seed: int = 0) -> RNNClassifier:
+def build_rnn_lm(model_cfg: ModelConfig, vocab_size: int, *, seed: int | None = None) -> RNNLanguageModel:
+    """LSTM/GRU language model: ``forward(input_ids (B, T)) -> logits (B, T, V)`` like the Transformer.
+    ``seed=None`` draws the init from the global RNG (seed it first); an int uses a private stream."""
+    return _build(RNNLanguageModel, model_cfg, vocab_size, seed)
+
+
+def build_rnn_classifier(model_cfg: ModelConfig, vocab_size: int, *, seed: int | None = None) -> RNNClassifier:
     """LSTM/GRU sequence classifier: ``forward(input_ids (B, T), lengths=None) -> logits (B, C)``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = RNNClassifier(model_cfg, vocab_size)
-        _init(model, model_cfg, seed)
-    return model
+    return _build(RNNClassifier, model_cfg, vocab_size, seed)
