@@ -34,7 +34,8 @@ def field_exists(dotted: str) -> bool:
         if not (isinstance(node, type) and issubclass(node, Section)) or part not in node.model_fields:
             return False
         node = node.model_fields[part].annotation
-    return True
+    # a whole section (e.g. "train") is not a field one can set to a value
+    return not (isinstance(node, type) and issubclass(node, Section))
 
 
 def parse_space(space: Any, *, method: str, source: str = "search.space") -> dict[str, Any]:
@@ -125,21 +126,30 @@ def trial_config(cfg: Config, params: dict[str, Any], trial_dir: str) -> Config:
         raise ValueError(f"search trial {params}: {err}") from None
 
 
+def metric_key(metrics: dict, name: str) -> str | None:
+    """The key holding ``eval.metric`` in a run's final record: the validation value when there is one."""
+    for key in (name if name.startswith("val_") else f"val_{name}", name):
+        if isinstance(metrics.get(key), (int, float)):
+            return key
+    return None
+
+
 def rank_results(rows: list[dict], metric: str, mode: str) -> list[dict]:
-    missing = [r["trial"] for r in rows if metric not in r["metrics"]]
-    if missing:
-        have = sorted(rows[0]["metrics"]) if rows else []
-        raise ValueError(f"eval.metric={metric} is not reported by the trials; choose one of {have}")
-    return sorted(rows, key=lambda r: r["metrics"][metric], reverse=(mode == "max"))
+    for r in rows:
+        if metric_key(r["metrics"], metric) is None:
+            have = sorted(k for k, v in r["metrics"].items() if isinstance(v, (int, float)))
+            raise ValueError(f"eval.metric={metric} is not reported by trial {r['trial']:03d}; choose one of {have}")
+    return sorted(rows, key=lambda r: r["metrics"][metric_key(r["metrics"], metric)], reverse=(mode == "max"))
 
 
 def format_table(rows: list[dict], metric: str) -> str:
     keys = list(rows[0]["params"]) if rows else []
-    mkeys = [metric] + [m for m in ("loss", "accuracy", "f1_macro", "perplexity")
-                        if m != metric and rows and m in rows[0]["metrics"]]
+    shown = [metric] + [m for m in ("loss", "accuracy", "f1_macro", "ppl") if m != metric]
+    shown = [m for m in shown if rows and metric_key(rows[0]["metrics"], m)]
+    mkeys = [metric_key(rows[0]["metrics"], m) for m in shown]
     lines = ["| rank | trial | " + " | ".join(mkeys + keys) + " |", "|---" * (len(mkeys) + len(keys) + 2) + "|"]
     for rank, r in enumerate(rows, 1):
-        vals = [f"{r['metrics'][m]:.4f}" for m in mkeys] + [_short(r["params"][k]) for k in keys]
+        vals = [f"{r['metrics'].get(m, float('nan')):.4f}" for m in mkeys] + [_short(r["params"][k]) for k in keys]
         lines.append(f"| {rank} | {r['trial']:03d} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
