@@ -1,10 +1,149 @@
-"""AdamW construction: picks the fused/extension optimizer for the device, torch's otherwise."""
+"""AdamW construction: the C++ CPU AdamW for CPU/offloaded states, the CUDA fused one where asked, torch's otherwise.
+
+All three keep torch.optim.AdamW's state layout (``step``, ``exp_avg``, ``exp_avg_sq`` per param) and
+hyper-parameter names, so a checkpoint moves between them and DeepSpeed's LR schedulers see ``lr``.
+"""
 from __future__ import annotations
 
 import torch
 
+from megatrain.ops import extensions
+from megatrain.ops.dispatch import current_config
+
+
+class _AdamWBase(torch.optim.Optimizer):
+    """Shared bookkeeping: lazy state, grouping params by step count, one extension call per bucket."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"AdamW: invalid lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _buckets(self, group) -> dict[tuple, list[tuple[torch.Tensor, ...]]]:
+        """(step, dtype) -> [(param, grad, exp_avg, exp_avg_sq)] for params that have a grad."""
+        buckets: dict[tuple, list] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(f"{type(self).__name__} does not take sparse gradients; use torch.optim.SparseAdam")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)  # same as torch.optim.AdamW (float32 CPU scalar)
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["step"] += 1
+            key = (int(state["step"].item()), p.dtype)
+            buckets.setdefault(key, []).append((p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
+        return buckets
+
+
+class CPUAdamW(_AdamWBase):
+    """AdamW over fp32 CPU params through csrc/cpu_adam (AVX2/AVX-512, OpenMP); ZeRO CPU offload's optimizer.
+
+    Matches torch.optim.AdamW elementwise (tests/kernels/test_cpu_adam.py). ``set_bf16_copy(param, t)``
+    makes each step also write the rounded param into bf16 tensor ``t`` in the same pass.
+    ``num_threads=0`` follows torch.get_num_threads(); ``isa`` forces "avx512" | "avx2" | "scalar".
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, num_threads: int = 0, isa: str = "auto"):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self._ops = extensions.ops("cpu_adam")  # raises with the reason when the extension is unavailable
+        self.num_threads, self.isa = num_threads, isa
+        self._bf16: dict[torch.Tensor, torch.Tensor] = {}
+
+    def set_bf16_copy(self, param: torch.Tensor, copy: torch.Tensor) -> None:
+        if copy.dtype != torch.bfloat16 or copy.shape != param.shape or not copy.is_contiguous():
+            raise ValueError(f"bf16 copy must be a contiguous bfloat16 tensor of shape {tuple(param.shape)}")
+        self._bf16[param] = copy
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for (step, dtype), items in self._buckets(group).items():
+                if dtype != torch.float32 or items[0][0].device.type != "cpu":
+                    raise ValueError(f"CPUAdamW takes fp32 CPU params (got {dtype} on {items[0][0].device}); "
+                                     "keep fp32 master weights on CPU or use torch.optim.AdamW")
+                params = [p for p, *_ in items]
+                if not all(p.is_contiguous() for p in params):
+                    raise ValueError("CPUAdamW needs contiguous params (ZeRO's flat partitions are); "
+                                     "call .contiguous() on the model's params")
+                grads = [g.float().contiguous() for _, g, _, _ in items]  # no copy when already fp32 contiguous
+                copies = [self._bf16.get(p) for p in params]
+                self._ops.adamw_step(params, grads, [m for *_, m, _ in items], [v for *_, v in items],
+                                     copies if any(c is not None for c in copies) else [],
+                                     float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], step,
+                                     self.num_threads, self.isa)
+        return loss
+
+
+class FusedAdamW(_AdamWBase):
+    """AdamW on CUDA through csrc/fused_adam: one multi-tensor launch per (step, dtype) bucket.
+
+    Params fp32, bf16 or fp16 with fp32 moments; grads in the param dtype.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self._ops = extensions.ops("fused_adam")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for (step, _dtype), items in self._buckets(group).items():
+                grads = [g.to(p.dtype).contiguous() for p, g, _, _ in items]
+                self._ops.adamw_step([p for p, *_ in items], grads, [m for *_, m, _ in items],
+                                     [v for *_, v in items], float(group["lr"]), beta1, beta2, group["eps"],
+                                     group["weight_decay"], step)
+        return loss
+
+
+def _first_device(param_groups: list) -> torch.device:
+    for item in param_groups:  # a tensor, or a dict whose "params" is a tensor or a list of them
+        params = item["params"] if isinstance(item, dict) else item
+        for t in [params] if isinstance(params, torch.Tensor) else params:
+            return t.device
+    return torch.device("cpu")
+
 
 def make_adamw(param_groups, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                offload: bool = False) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay) over ``param_groups``; ``offload`` means the states live on CPU."""
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    """AdamW (decoupled weight decay) over ``param_groups``; ``offload`` means the states live on CPU.
+
+    Backend from ``model.kernel_overrides.adamw`` (else ``model.kernels``):
+    - offload or CPU params: ``auto``/``cuda`` -> CPUAdamW (C++) when the extension loads, else
+      torch.optim.AdamW (``cuda`` asked for explicitly raises instead); ``torch``/``triton`` -> torch.
+      Under ZeRO offload DeepSpeed swaps the params for its fp32 CPU partitions; the ds_config needs
+      ``"zero_force_ds_cpu_optimizer": false`` to accept this optimizer.
+    - CUDA params: ``cuda`` -> FusedAdamW (csrc/fused_adam); ``auto``/``torch``/``triton`` ->
+      torch.optim.AdamW(fused=True). The CUDA kernel stays opt-in until its GPU tests have run.
+    """
+    config = current_config()
+    backend = config.overrides.get("adamw", config.default)
+    kw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    param_groups = list(param_groups)
+    device = _first_device(param_groups)
+    if offload or device.type == "cpu":
+        if backend in ("auto", "cuda"):
+            if extensions.load("cpu_adam"):
+                return CPUAdamW(param_groups, **kw)
+            if backend == "cuda":
+                raise ValueError(f"model.kernel_overrides.adamw=cuda but the C++ CPU AdamW is unavailable "
+                                 f"({extensions._status('cpu_adam').detail}); use auto or torch")
+        return torch.optim.AdamW(param_groups, **kw)
+    if backend == "cuda":
+        return FusedAdamW(param_groups, **kw)
+    return torch.optim.AdamW(param_groups, **kw, fused=device.type == "cuda")
