@@ -16,6 +16,9 @@ def main(argv=None):
     cfg, args, _ = parse(argv, description=__doc__, extra=[
         ("--force", {"action": "store_true", "help": "prepare again even if data.path is up to date"})])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if cfg.data.dataset != "tokens":  # image datasets are read directly; only text is prepared
+        print(f"data.dataset={cfg.data.dataset} needs no prepare step; nothing to do")
+        return
     from megatrain.data import prepare_corpus
     try:
         summary = prepare_corpus(cfg.data, seed=cfg.train.seed, force=args.force)
