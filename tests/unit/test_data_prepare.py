@@ -3,12 +3,10 @@ import json
 import logging
 import os
 
-import numpy as np
 import pytest
 
 from megatrain.config import DataConfig
 from megatrain.data import prepare as prep
-from megatrain.data.clean import clean_text
 from megatrain.data.indexed import ShardReader
 from megatrain.data.prepare import prepare_corpus, split_documents
 from megatrain.data.sources import SourceStats, iter_documents
