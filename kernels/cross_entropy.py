@@ -34,7 +34,8 @@ def _row_stats(ROW, n_cols, label_local, BLOCK: tl.constexpr):
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
         x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        x_target += tl.sum(tl.where(offs == label_local, x, 0.0), axis=0)
+        # `& mask`: a label past this row (vocab shard) must not hit a masked -inf lane
+        x_target += tl.sum(tl.where((offs == label_local) & mask, x, 0.0), axis=0)
     return m, s, x_target, x_sum
 
 

@@ -1,12 +1,17 @@
 """Token cross-entropy: dispatch + plain-torch reference."""
 from __future__ import annotations
 
+import importlib
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatrain.ops.dispatch import backend_for, provider, register
 
 register("cross_entropy", "triton", "megatrain.triton_kernels.cross_entropy")
+_TRITON_FUSED_LINEAR_CE = "megatrain.triton_kernels.fused_linear_cross_entropy"
+_TRITON_VOCAB_PARALLEL_CE = "megatrain.triton_kernels.vocab_parallel_cross_entropy"
 
 
 def cross_entropy_reference(
@@ -28,3 +33,101 @@ def cross_entropy(
             logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
     return cross_entropy_reference(logits, labels, ignore_index=ignore_index,
                                    label_smoothing=label_smoothing, reduction=reduction)
+
+
+def fused_linear_cross_entropy_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+) -> torch.Tensor:
+    # hidden: (N, H), weight: (V, H), labels: (N,); materialises the (N, V) logits
+    logits = F.linear(hidden, weight, bias)
+    return cross_entropy_reference(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                   reduction=reduction)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+) -> torch.Tensor:
+    """CE(hidden @ weightᵀ + bias, labels); the triton backend never holds the full (N, V) logits.
+
+    reduction is mean or sum (the fused path has no per-token loss)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"fused_linear_cross_entropy: reduction={reduction!r}; use mean or sum")
+    if backend_for("cross_entropy", hidden.device) == "triton":
+        return importlib.import_module(_TRITON_FUSED_LINEAR_CE).fused_linear_cross_entropy(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            reduction=reduction)
+    return fused_linear_cross_entropy_reference(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                                label_smoothing=label_smoothing, reduction=reduction)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Plain-torch vocab-parallel CE (Megatron's scheme): all-reduce max, sum-exp, target and logit sums."""
+
+    @staticmethod
+    def forward(ctx, local_logits, labels, group, ignore_index, label_smoothing, vocab_start, vocab_size):
+        x = local_logits.float()  # (N, V_local)
+        n_local = x.shape[1]
+        m = x.max(dim=-1).values  # (N,)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        x = x - m.unsqueeze(-1)  # shifted: exp never overflows
+        local = labels - vocab_start
+        in_shard = (local >= 0) & (local < n_local)
+        x_target = torch.where(in_shard, x.gather(1, local.clamp(0, n_local - 1).unsqueeze(-1)).squeeze(-1), 0.0)
+        packed = torch.stack([x.exp().sum(-1), x_target, x.sum(-1)])  # (3, N)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        sum_exp, x_target, x_sum = packed.unbind(0)
+        lse = torch.log(sum_exp)  # shifted by m like x
+        valid = labels != ignore_index
+        loss = lse - (1.0 - label_smoothing) * x_target - label_smoothing * x_sum / vocab_size
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        softmax = torch.exp(x - lse.unsqueeze(-1))  # (N, V_local)
+        ctx.save_for_backward(softmax, local.clamp(0, n_local - 1), in_shard, valid)
+        ctx.label_smoothing, ctx.vocab_size, ctx.dtype = label_smoothing, vocab_size, local_logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, in_shard, valid = ctx.saved_tensors
+        grad = softmax - ctx.label_smoothing / ctx.vocab_size
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows[in_shard], local[in_shard]] -= 1.0 - ctx.label_smoothing
+        grad = grad * (valid.float() * grad_loss).unsqueeze(-1)
+        return grad.to(ctx.dtype), None, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy_reference(
+    local_logits: torch.Tensor, labels: torch.Tensor, group, *, ignore_index: int = -100,
+    label_smoothing: float = 0.0, reduction: str = "mean", vocab_start: int | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    # local_logits: (N, V_local), this rank's vocab slice; labels: (N,) global ids, the same on every rank
+    n_local = local_logits.shape[1]
+    start = dist.get_rank(group) * n_local if vocab_start is None else vocab_start
+    total = dist.get_world_size(group) * n_local if vocab_size is None else vocab_size
+    loss = _VocabParallelCrossEntropy.apply(local_logits, labels, group, ignore_index, label_smoothing, start, total)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / (labels != ignore_index).sum()
+    raise ValueError(f"vocab_parallel_cross_entropy: reduction={reduction!r}; use mean, sum or none")
+
+
+def vocab_parallel_cross_entropy(
+    local_logits: torch.Tensor, labels: torch.Tensor, group, *, ignore_index: int = -100,
+    label_smoothing: float = 0.0, reduction: str = "mean", vocab_start: int | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy over a vocabulary split across ``group`` (a torch.distributed process group).
+
+    Rank r holds columns [r·V_local, (r+1)·V_local) unless ``vocab_start``/``vocab_size`` say otherwise;
+    every rank gets the same full-vocabulary loss; gradients stay local (no backward communication)."""
+    kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+                  vocab_start=vocab_start, vocab_size=vocab_size)
+    if backend_for("cross_entropy", local_logits.device) == "triton":
+        return importlib.import_module(_TRITON_VOCAB_PARALLEL_CE).vocab_parallel_cross_entropy(
+            local_logits, labels, group, **kwargs)
+    return vocab_parallel_cross_entropy_reference(local_logits, labels, group, **kwargs)

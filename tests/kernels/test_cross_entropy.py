@@ -129,3 +129,54 @@ def test_fused_linear_cross_entropy_gpu_bf16(v):
     check_against_reference(lambda h, w, y: fused_linear_cross_entropy(h, w, y),
                             lambda h, w, y: _linear_ce_ref(h, w, y, None, 0.0, "mean"),
                             [h, w, y], dtype=torch.bfloat16, atol_floor=1e-3)
+
+
+# ---- vocab-parallel cross-entropy: 2 real gloo ranks ---------------------------------------------------
+
+_VP_CASES = [  # (tokens, vocab, smoothing, reduction, uneven split)
+    (13, 98, 0.0, "mean", False),
+    (6, 97, 0.1, "sum", True),
+    (5, 40, 0.0, "none", False),
+]
+
+
+def _vp_worker(rank, world, init_file):
+    import torch.distributed as dist
+
+    from tests.kernels.conftest import assert_ratio
+    from megatrain.ops.cross_entropy import vocab_parallel_cross_entropy_reference
+    from megatrain.triton_kernels.vocab_parallel_cross_entropy import vocab_parallel_cross_entropy
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    group = dist.new_group(list(range(world)))  # an explicit group, not the default one
+    try:
+        for n, v, smoothing, reduction, uneven in _VP_CASES:
+            gen = torch.Generator().manual_seed(n * 1000 + v)  # same data on every rank
+            logits = 3 * torch.randn(n, v, generator=gen, dtype=torch.float64)
+            labels = torch.randint(0, v, (n,), generator=gen)
+            labels[torch.rand(n, generator=gen) < 0.25] = -100
+            upstream = torch.randn(n if reduction == "none" else (), generator=gen, dtype=torch.float64)
+            bounds = [0, 40, v] if uneven else [0, v // 2, v]
+            lo, hi = bounds[rank], bounds[rank + 1]
+            extra = dict(vocab_start=lo, vocab_size=v) if uneven else {}
+            full = {}
+            for dtype in (torch.float64, torch.float32):
+                x = logits.detach().to(dtype).clone().requires_grad_()
+                loss = cross_entropy_reference(x, labels, label_smoothing=smoothing, reduction=reduction)
+                loss.backward(upstream.to(dtype))
+                full[dtype] = (loss.detach(), x.grad[:, lo:hi])
+            for name, fn in (("kernel", vocab_parallel_cross_entropy), ("torch", vocab_parallel_cross_entropy_reference)):
+                x = logits[:, lo:hi].float().requires_grad_()
+                loss = fn(x, labels, group, label_smoothing=smoothing, reduction=reduction, **extra)
+                loss.backward(upstream.float())
+                assert_ratio(f"{name} loss {n}x{v}", loss, full[torch.float32][0], full[torch.float64][0])
+                assert_ratio(f"{name} grad {n}x{v}", x.grad, full[torch.float32][1], full[torch.float64][1])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_vocab_parallel_cross_entropy_two_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_vp_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
