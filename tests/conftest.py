@@ -19,3 +19,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+TINY_MODELS = {
+    "gpt2": {"arch": "gpt2", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_seq_len": 32},
+    "llama": {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+              "ffn_hidden_size": 128, "max_seq_len": 32, "norm_eps": 1e-6},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A prepared token corpus (~300 kB of stdlib sources, 512-token sentencepiece vocab), once per session."""
+    from megatrain.config import build_config
+    from megatrain.data.prepare import prepare_corpus
+
+    path = tmp_path_factory.mktemp("corpus") / "stdlib"
+    cfg = build_config({"data": {"path": str(path), "sources": ["stdlib"], "vocab_size": 512,
+                                 "max_bytes": 300_000, "val_fraction": 0.05, "num_workers": 1}})
+    prepare_corpus(cfg.data, seed=0)
+    return str(path)
+
+
+def tiny_overrides(corpus: str, log_dir, arch: str = "gpt2", **extra) -> list[str]:
+    """Override list for launch/pretrain.py: a tiny model on the tiny corpus, fp32, no dropout, quiet."""
+    tree = {f"model.{k}": v for k, v in TINY_MODELS[arch].items()}
+    tree.update({"data.path": corpus, "data.seq_len": 32, "train.global_batch_size": 8, "train.micro_batch_size": 4,
+                 "train.max_steps": 5, "train.lr": 1e-3, "train.warmup_steps": 2, "train.eval_every": 0,
+                 "train.eval_batches": 2, "log.dir": str(log_dir), "log.progress": "none", "log.tensorboard": False,
+                 "log.report": False, "checkpoint.save_final": False, "train.seed": 7})
+    tree.update(extra)
+    import json
+    return [f"--{k}={json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else v}" for k, v in tree.items()]

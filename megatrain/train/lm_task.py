@@ -40,11 +40,13 @@ class LanguageModelingTask:
         return PackedTokenDataset(self.cfg.data.path, "train", self.cfg.seq_len)
 
     def val_dataset(self):
+        """The validation split, or None when prepare held none out (val_fraction=0). A corrupt or
+        too-short split is an error, not a silently skipped validation."""
         from megatrain.data.dataset import PackedTokenDataset
-        try:
-            return PackedTokenDataset(self.cfg.data.path, "val", self.cfg.seq_len)
-        except (FileNotFoundError, ValueError):
+        from megatrain.data.prepare import read_meta
+        if read_meta(self.cfg.data.path)["splits"].get("val", {}).get("num_tokens", 0) == 0:
             return None
+        return PackedTokenDataset(self.cfg.data.path, "val", self.cfg.seq_len)
 
     def loss_and_stats(self, model, batch):
         logits = model(batch["input_ids"])  # (B, T, V)

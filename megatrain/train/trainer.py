@@ -87,9 +87,10 @@ class Trainer:
             return
         meta = ckpt.load(self.engine, where, load_optimizer=not cfg.reset_optimizer)
         self.step = 0 if cfg.reset_schedule else int(meta["step"])
-        if cfg.reset_schedule:  # continual training: fresh schedule over the new max_steps
-            self.scheduler.last_epoch = -1
-            self.scheduler.step()
+        # Recompute the LR from *this* run's schedule (max_steps may have grown): the restored optimizer
+        # still carries the LR the old schedule set. reset_schedule restarts it (continual training).
+        self.scheduler.last_epoch = self.step - 1
+        self.scheduler.step()
         self.resumed_from = os.path.join(*where)
 
     # ---- data --------------------------------------------------------------------------------------
