@@ -19,8 +19,12 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
 
     ``deepspeed`` and ``torchrun`` export RANK/WORLD_SIZE/MASTER_*; a plain ``python`` launch has none,
     so a one-rank group on a free loopback port is made (the same code then runs everywhere)."""
+    import warnings
+
     import deepspeed
 
+    # DeepSpeed's ZeRO calls a collective torch has renamed; the warning repeats every step on every rank.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
