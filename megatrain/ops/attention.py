@@ -1,12 +1,17 @@
 """Scaled dot-product attention with GQA: dispatch + plain-torch reference."""
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from megatrain.ops.dispatch import backend_for, provider, register
 
-register("attention", "triton", "megatrain.triton_kernels.flash_attention")
+_TRITON_ATTENTION = "megatrain.triton_kernels.flash_attention"
+register("attention", "triton", _TRITON_ATTENTION)
+_warned: set[tuple] = set()
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
@@ -22,6 +27,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
     backend = backend_for("attention", q.device)
+    if backend == "triton":
+        kernel = importlib.import_module(_TRITON_ATTENTION)
+        if kernel.supports(q, k, v):
+            return kernel.attention(q, k, v, causal)
+        key = (q.shape[-1], q.dtype)
+        if key not in _warned:  # once per (head dim, dtype): a clear note, not a log flood
+            _warned.add(key)
+            warnings.warn(f"attention: the triton kernel takes head dims that are multiples of 16 up to 256 in "
+                          f"fp16/bf16/fp32; head dim {q.shape[-1]} ({q.dtype}) runs the torch reference", stacklevel=2)
+        return attention_reference(q, k, v, causal)
     if backend != "torch":
         return provider("attention", backend)(q, k, v, causal)
     return attention_reference(q, k, v, causal)
