@@ -63,11 +63,12 @@ class Attention(nn.Module):
         self.rotary = Rotary(d, theta=cfg.rope_theta, scaling=cfg.rope_scaling) if cfg.arch == "llama" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H)
-        b, t, _ = x.shape
         d = self.head_dim
-        q = self.q_proj(x).view(b, t, -1, d).transpose(1, 2)  # (B, Hq, T, D); Hq local under TP
-        k = self.k_proj(x).view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        b, t = q.shape[:2]  # T from the projection: sequence parallel hands in a sequence shard
+        q = q.view(b, t, -1, d).transpose(1, 2)  # (B, Hq, T, D); Hq local under TP
+        k = k.view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, D)
         if self.rotary is not None:
             cos, sin = self.rotary(t, x.device)
             q, k = ops.apply_rope(q, k, cos, sin)

@@ -24,8 +24,12 @@ def read_vocab_size(data_path: str) -> int:
 class LanguageModelingTask:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.tp_group = None  # set by configure_parallel when the LM head is vocab-parallel
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = read_vocab_size(cfg.data.path)
+
+    def configure_parallel(self, dims) -> None:
+        self.tp_group = dims.tp_group if dims.tp > 1 else None
 
     def build_model(self) -> nn.Module:
         if self.cfg.model.is_transformer:
@@ -54,9 +58,16 @@ class LanguageModelingTask:
 
     def loss_from_logits(self, logits: torch.Tensor, batch: dict):
         labels = batch["labels"]  # (B, T)
-        loss = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                 label_smoothing=self.cfg.train.label_smoothing)
-        count = (labels != -100).sum()
+        flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        count = (flat_labels != -100).sum()
+        if self.tp_group is not None:  # logits are (B, T, V/tp): never gather the vocabulary
+            from megatrain.dist.cross_entropy import vocab_parallel_cross_entropy
+            per_token = vocab_parallel_cross_entropy(flat_logits, flat_labels, group=self.tp_group,
+                                                     vocab_size=self.cfg.model.vocab_size,
+                                                     label_smoothing=self.cfg.train.label_smoothing)
+            loss = per_token.sum() / count.clamp_min(1)
+        else:
+            loss = ops.cross_entropy(flat_logits, flat_labels, label_smoothing=self.cfg.train.label_smoothing)
         stats = {"loss_sum": loss.detach().float() * count, "count": count.float()}
         return loss, stats
 

@@ -23,9 +23,10 @@ from megatrain.train.regularization import param_groups, penalty
 from megatrain.train.schedules import lr_multiplier
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """RNG seed for (step, rank): resume restores dropout/augmentation RNG exactly without saving it."""
-    return zlib.crc32(f"{seed}/{step}/{rank}".encode())
+def step_seed(seed: int, step: int, dp_rank: int) -> int:
+    """RNG seed for (step, data-parallel rank): resume restores dropout/augmentation RNG exactly without
+    saving it, and tensor/pipeline peers (same dp rank) draw the same masks for their replicated regions."""
+    return zlib.crc32(f"{seed}/{step}/{dp_rank}".encode())
 
 
 class Trainer:
@@ -39,6 +40,8 @@ class Trainer:
             from megatrain.train.tasks import make_task
             task = make_task(cfg)
         self.task = task
+        if hasattr(task, "configure_parallel"):
+            task.configure_parallel(self.dims)
         self.device = current_device()
         self._check_precision()
         if (cfg.train.l1 or cfg.train.l2) and cfg.parallel.zero_stage == 3:
@@ -127,7 +130,7 @@ class Trainer:
         from megatrain.data.sampler import rank_slice
 
         lay, dims, t = self.layout, self.dims, self.cfg.train
-        torch.manual_seed(step_seed(t.seed, self.step, self.rank))
+        torch.manual_seed(step_seed(t.seed, self.step, dims.dp_rank))
         indices = self._global_indices(self.step)
         self.engine.train()
         totals: dict[str, torch.Tensor] = {}
