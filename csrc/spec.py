@@ -7,11 +7,12 @@ from __future__ import annotations
 
 # -ffp-contract=off: the scalar and vector CPU AdamW paths must round identically (bit-equal tests);
 # -fopenmp links libgomp.so.1, the same soname torch loads, so there is one OpenMP pool per process.
-CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+# No -std flag: torch adds the standard its headers need (C++20 for torch 2.13).
+CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 CPU_LDFLAGS = ["-fopenmp"]
 # No --use_fast_math: AdamW's sqrt/div and the norms' rsqrt are compared against fp64 references.
-NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
-HOST_FLAGS_FOR_CUDA = ["-O3", "-std=c++17"]
+NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+HOST_FLAGS_FOR_CUDA = ["-O3"]
 # setup.py builds for these when TORCH_CUDA_ARCH_LIST is unset (A100 and H100).
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a"
 
@@ -26,13 +27,13 @@ EXTENSIONS: dict[str, dict] = {
     "fused_adam": {
         "kind": "cuda",
         "sources": ["fused_adam/fused_adam.cu", "fused_adam/bind.cpp"],
-        "headers": ["fused_adam/fused_adam.h"],
+        "headers": ["fused_adam/fused_adam.h", "common/dtype.h", "common/cuda_utils.cuh"],
         "namespace": "megatrain_fused_adam",
     },
     "layer_norm": {
         "kind": "cuda",
         "sources": ["layer_norm/layer_norm.cu", "layer_norm/bind.cpp"],
-        "headers": ["layer_norm/layer_norm.h"],
+        "headers": ["layer_norm/layer_norm.h", "common/dtype.h", "common/cuda_utils.cuh"],
         "namespace": "megatrain_layer_norm",
     },
 }

@@ -230,38 +230,46 @@ def ops(name: str):
 # ---- CUDA providers for megatrain.ops dispatch ------------------------------------------------------
 
 class _NormFunction(torch.autograd.Function):
-    """LayerNorm (bias optional) or RMSNorm over the last dim through csrc/layer_norm."""
+    """LayerNorm (bias optional) or RMSNorm over the last dim through csrc/layer_norm.
+
+    The kernel takes weight/bias in x's dtype (bf16 activations with fp32 weights get them cast once
+    here); the weight/bias grads come back in the weight's own dtype.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, rms: bool):
         hidden = x.shape[-1]
         x_2d = x.reshape(-1, hidden).contiguous()  # (rows, H)
-        y_2d, mean, rstd = ops("layer_norm").forward(x_2d, weight.contiguous(), bias, eps, rms)
-        ctx.save_for_backward(x_2d, weight, mean, rstd)
-        ctx.rms, ctx.has_bias = rms, bias is not None
+        w = weight.to(x.dtype).contiguous()
+        b = bias.to(x.dtype).contiguous() if bias is not None else None
+        y_2d, mean, rstd = ops("layer_norm").forward(x_2d, w, b, eps, rms)
+        ctx.save_for_backward(x_2d, w, mean, rstd)
+        ctx.rms, ctx.has_bias, ctx.w_dtype = rms, bias is not None, weight.dtype
+        ctx.b_dtype = bias.dtype if bias is not None else None
         return y_2d.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x_2d, weight, mean, rstd = ctx.saved_tensors
+        x_2d, w, mean, rstd = ctx.saved_tensors
         dx_2d, dweight, dbias = ops("layer_norm").backward(
-            dy.reshape(x_2d.shape).contiguous(), x_2d, weight.contiguous(), mean, rstd, ctx.rms, ctx.has_bias)
-        return dx_2d.view(dy.shape), dweight, (dbias if ctx.has_bias else None), None, None
+            dy.reshape(x_2d.shape).to(x_2d.dtype).contiguous(), x_2d, w, mean, rstd, ctx.rms, ctx.has_bias)
+        dbias = dbias.to(ctx.b_dtype) if ctx.has_bias else None
+        return dx_2d.view(dy.shape), dweight.to(ctx.w_dtype), dbias, None, None
 
 
-def _cuda_norm_or_none() -> bool:
-    return load("layer_norm")
+def _cuda_norm_ok(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.numel() > 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and load("layer_norm")
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
-    if not _cuda_norm_or_none():
+    if not _cuda_norm_ok(x):
         from megatrain.ops.norms import layer_norm_reference
         return layer_norm_reference(x, weight, bias, eps)
     return _NormFunction.apply(x, weight, bias, eps, False)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    if not _cuda_norm_or_none():
+    if not _cuda_norm_ok(x):
         from megatrain.ops.norms import rms_norm_reference
         return rms_norm_reference(x, weight, eps)
     return _NormFunction.apply(x, weight, None, eps, True)
