@@ -216,23 +216,29 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    fn()
+    try:
+        fn()
+    except Exception:  # the variant is reported as skipped by measure()
+        return None
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def backward_of(forward: Callable[[], object], inputs: list) -> Callable[[], None]:
-    """A zero-arg callable that runs only the backward of ``forward()`` (the graph is built once and
-    retained; gradients are reset each call so they do not accumulate)."""
+    """A zero-arg callable that runs only the backward of ``forward()``. The graph is built on the first
+    call (so a failing variant is reported by ``measure``, not raised while building cases) and
+    retained; gradients are reset each call so they do not accumulate."""
     import torch
 
-    out = forward()
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    grads = [torch.randn_like(o) for o in outs]
+    graph: dict = {}
 
     def run_backward():
+        if not graph:
+            out = forward()
+            graph["outs"] = out if isinstance(out, (tuple, list)) else (out,)
+            graph["grads"] = [torch.randn_like(o) for o in graph["outs"]]
         for x in inputs:
             x.grad = None
-        torch.autograd.backward(outs, grads, retain_graph=True)
+        torch.autograd.backward(graph["outs"], graph["grads"], retain_graph=True)
 
     return run_backward
