@@ -1,0 +1,50 @@
+"""Evaluate: K-fold CV, hyper-parameter search, ensembles, or one checkpoint — chosen by config fields.
+
+  python launch/evaluate.py --config recipes/cnn_digits.yaml --eval.kfold=5 --log.dir=runs/cv   # K-fold CV
+  python launch/evaluate.py --config recipes/search_cnn_digits.yaml                             # search.space
+  python launch/evaluate.py --config recipes/cnn_digits.yaml --eval.ensemble='[runs/a,runs/b]'  # ensemble
+  python launch/evaluate.py --config recipes/cnn_digits.yaml --checkpoint.resume=runs/a         # one checkpoint
+
+Precedence: search.space, then eval.kfold > 0, then eval.ensemble, else the checkpoint in checkpoint.resume
+(or <log.dir>/checkpoints). Runs under `deepspeed`/`torchrun` too; only rank 0 writes tables and plots."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatrain.cli_args import fail, parse  # noqa: E402
+
+
+def main(argv=None):
+    cfg, _, local_rank = parse(argv, description=__doc__)
+    from megatrain.eval._io import is_main_process
+    from megatrain.eval.plots import plot_curves
+
+    log = print if is_main_process() else (lambda s: None)
+    try:
+        if cfg.search.space:
+            from megatrain.eval.search import run_search
+            ranked = run_search(cfg, log=log)
+            if is_main_process():
+                plot_curves([os.path.join(cfg.log.dir, f"trial_{r['trial']:03d}") for r in ranked],
+                            os.path.join(cfg.log.dir, "curves.png"))
+        elif cfg.eval.kfold:
+            from megatrain.eval.kfold import run_kfold
+            run_kfold(cfg, log=log)
+            if is_main_process():
+                plot_curves([os.path.join(cfg.log.dir, f"fold_{i}") for i in range(cfg.eval.kfold)],
+                            os.path.join(cfg.log.dir, "curves.png"))
+        elif cfg.eval.ensemble:
+            from megatrain.eval.ensemble import run_ensemble
+            run_ensemble(cfg, log=log)
+        else:
+            from megatrain.eval.ensemble import evaluate_checkpoint
+            path = cfg.checkpoint.resume if cfg.checkpoint.resume not in ("none", "auto") else \
+                (cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints"))
+            evaluate_checkpoint(cfg, path, log=log)
+    except ValueError as err:
+        fail(err)
+
+
+if __name__ == "__main__":
+    main()

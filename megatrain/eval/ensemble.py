@@ -1,0 +1,198 @@
+"""Ensembles of checkpoints: average probabilities or majority vote; member and ensemble metrics.
+
+Members are megatrain checkpoints (a run dir, its ``checkpoints`` dir, or one ``step_XXXXXXXX`` dir); each
+carries its own config in ``megatrain.json``, so members may differ in architecture, width or seed. All are
+scored on the validation split of the config ``launch/evaluate.py`` is given, which must not overlap with
+the samples any member trained on (checked: an overlap would flatter the ensemble).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from megatrain.eval._io import is_main_process, write_json, write_text
+from megatrain.eval.metrics import classification_metrics, confusion_matrix
+
+
+def combine(probs: list[torch.Tensor], mode: str = "mean_prob") -> torch.Tensor:
+    """M member probabilities (N, C) -> ensemble scores (N, C); argmax gives the prediction.
+
+    mean_prob: the average distribution (a proper probability; its NLL is meaningful).
+    vote: votes per class, ties broken by the mean probability (added at weight < 1, so it never outvotes).
+    """
+    if not probs:
+        raise ValueError("eval.ensemble is empty; list at least one checkpoint")
+    stack = torch.stack([p.double() for p in probs])  # (M, N, C)
+    mean = stack.mean(0)  # (N, C)
+    if mode == "mean_prob":
+        return mean
+    if mode == "vote":
+        votes = F.one_hot(stack.argmax(-1), stack.shape[-1]).sum(0).double()  # (N, C)
+        return votes + 0.5 * mean
+    raise ValueError(f"eval.ensemble_mode={mode!r} is not mean_prob or vote")
+
+
+def score(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, *, proper: bool = True) -> dict[str, float]:
+    """Metrics of (N, C) scores; ``loss`` (mean NLL) only when the scores are probabilities."""
+    preds = probs.argmax(-1)
+    out: dict[str, float] = {}
+    if proper:
+        nll = -torch.log(probs.double().gather(1, labels.view(-1, 1)).clamp_min(1e-12)).mean()
+        out["loss"] = float(nll)
+    m = classification_metrics(confusion_matrix(preds, labels, num_classes))
+    out.update({k: m[k] for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro")})
+    return out
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """(checkpoint dir, tag) for a run dir, a checkpoints dir, or a step dir."""
+    from megatrain.train.checkpoint import resolve_resume
+
+    run_ckpts = os.path.join(path, "checkpoints")
+    if os.path.isfile(os.path.join(run_ckpts, "latest")):
+        path = run_ckpts
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint {path}: no such path; give a run dir, its checkpoints dir or a step_XXXXXXXX dir")
+    where = resolve_resume(path, path)
+    assert where is not None
+    return where
+
+
+def load_member(path: str, *, pool=None):
+    """(config, task, model in eval mode on CPU) for one checkpoint."""
+    from megatrain.config import build_config
+    from megatrain.train.tasks import make_task
+
+    ckpt_dir, tag = resolve_checkpoint(path)
+    step_dir = os.path.join(ckpt_dir, tag)
+    with open(os.path.join(step_dir, "megatrain.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    cfg = build_config(meta["config"])
+    if cfg.model.task == "classification":
+        from megatrain.train.classification_task import ClassificationTask
+        task = ClassificationTask(cfg, pool=pool)
+    else:
+        task = make_task(cfg)
+    model = task.build_model()
+    model.load_state_dict(_module_state(ckpt_dir, tag, cfg), strict=True)
+    return cfg, task, model.eval()
+
+
+def _module_state(ckpt_dir: str, tag: str, cfg) -> dict[str, torch.Tensor]:
+    if cfg.parallel.zero_stage == 3:  # parameters are partitioned across ranks: gather them into one fp32 dict
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    files = sorted(f for f in os.listdir(os.path.join(ckpt_dir, tag)) if f.endswith("model_states.pt"))
+    if not files:
+        raise ValueError(f"checkpoint {os.path.join(ckpt_dir, tag)}: no *model_states.pt; was it saved by megatrain?")
+    state = torch.load(os.path.join(ckpt_dir, tag, files[0]), map_location="cpu", weights_only=False)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+
+
+# ---- tools ------------------------------------------------------------------------------------------------
+def run_ensemble(cfg, *, log: Callable[[str], None] = print) -> dict:
+    """Score every checkpoint in ``eval.ensemble`` and their combination on ``cfg``'s validation split;
+    writes ``ensemble.md``, ``ensemble.json`` and ``ensemble_confusion.png`` into ``log.dir``."""
+    from megatrain.train.classification_task import ClassificationTask
+
+    if cfg.model.task != "classification":
+        raise ValueError("eval.ensemble combines classifiers; set model.task=classification in the config")
+    base = ClassificationTask(cfg)
+    val = base.val_dataset()
+    if val is None:
+        raise ValueError("the validation split is empty; set data.val_fraction > 0 to score the ensemble")
+    val_idx = set(base.val_idx.tolist())
+    rows, probs, labels = [], [], None
+    for path in cfg.eval.ensemble:
+        mcfg, task, model = load_member(path, pool=base.pool)
+        if not isinstance(task, ClassificationTask):
+            raise ValueError(f"eval.ensemble member {path} is a {mcfg.model.task} model; all members must classify")
+        leaked = len(val_idx.intersection(task.train_idx.tolist()))
+        if leaked:
+            raise ValueError(f"eval.ensemble member {path} trained on {leaked} of the validation samples; "
+                             "train members with the same data split (data.val_fraction) as the evaluation config")
+        p, y = task.predict_proba(model, val)
+        labels = y if labels is None else labels
+        probs.append(p)
+        rows.append({"member": path, **score(p, y, base.num_classes)})
+        log(f"member {path}: " + " ".join(f"{k}={v:.4f}" for k, v in rows[-1].items() if k != "member"))
+    mode = cfg.eval.ensemble_mode
+    scores = combine(probs, mode)
+    ens = {"member": f"ensemble ({mode}, {len(probs)})", **score(scores, labels, base.num_classes,
+                                                                proper=mode == "mean_prob")}
+    best = max(rows, key=lambda r: r["accuracy"])
+    result = {"mode": mode, "members": rows, "ensemble": ens, "best_member": best["member"],
+              "num_val": len(labels), "gain_vs_best": ens["accuracy"] - best["accuracy"]}
+    table = format_table(rows + [ens])
+    log(table)
+    if is_main_process():
+        os.makedirs(cfg.log.dir, exist_ok=True)
+        write_text(os.path.join(cfg.log.dir, "ensemble.md"),
+                   f"# Ensemble of {len(rows)} checkpoints ({mode}) on {len(labels)} validation samples\n\n{table}")
+        write_json(os.path.join(cfg.log.dir, "ensemble.json"), result)
+        from megatrain.eval.plots import plot_confusion
+        plot_confusion(confusion_matrix(scores.argmax(-1), labels, base.num_classes),
+                       os.path.join(cfg.log.dir, "ensemble_confusion.png"),
+                       class_names=base.pool.class_names or None, title=f"ensemble ({mode})")
+    return result
+
+
+def format_table(rows: list[dict]) -> str:
+    keys = ["accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"]
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['member']} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_checkpoint(cfg, path: str, *, log: Callable[[str], None] = print) -> dict:
+    """Metrics of one checkpoint on its own validation split (classification: the whole split, with a
+    confusion matrix PNG; language models: ``train.eval_batches`` batches, loss and perplexity)."""
+    from megatrain.train.classification_task import ClassificationTask
+
+    mcfg, task, model = load_member(path)
+    val = task.val_dataset()
+    if val is None:
+        raise ValueError(f"checkpoint {path}: its config has no validation split to evaluate on")
+    out_dir = cfg.log.dir
+    if isinstance(task, ClassificationTask):
+        probs, labels = task.predict_proba(model, val)
+        metrics = score(probs, labels, task.num_classes)
+        cm = confusion_matrix(probs.argmax(-1), labels, task.num_classes)
+        metrics["num_samples"] = len(labels)
+        if is_main_process():
+            from megatrain.eval.plots import plot_confusion
+            os.makedirs(out_dir, exist_ok=True)
+            plot_confusion(cm, os.path.join(out_dir, "confusion.png"), class_names=task.pool.class_names or None)
+            metrics["confusion"] = cm.tolist()
+    else:
+        metrics = _lm_metrics(task, model, val, batches=mcfg.train.eval_batches, micro=mcfg.train.micro_batch_size)
+    if is_main_process():
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(os.path.join(out_dir, "eval.json"), {"checkpoint": path, "metrics": metrics})
+    log(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    return metrics
+
+
+@torch.no_grad()
+def _lm_metrics(task, model, dataset, *, batches: int, micro: int) -> dict:
+    from torch.utils.data import default_collate
+
+    totals: dict[str, torch.Tensor] = {}
+    for b in range(batches):
+        idx = range(b * micro, min((b + 1) * micro, len(dataset)))
+        if not idx:
+            break
+        _, stats = task.loss_and_stats(model, default_collate([dataset[i] for i in idx]))
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0) + v.double()
+    out = task.summarize(totals)
+    if "loss" in out and "ppl" not in out:
+        out["ppl"] = math.exp(min(out["loss"], 50.0))
+    return out
