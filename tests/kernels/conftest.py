@@ -1,5 +1,8 @@
 """Kernel tests: Triton's interpreter on CPU (fp32 only), NaN-poisoned buffers, the fp64 ratio rule.
 
+A test module opts into the fixtures with ``pytestmark = pytest.mark.usefixtures("poison_empty", "seed")``
+(not autouse: other suites share this folder).
+
 ``TRITON_INTERPRET`` must be set before any ``@triton.jit`` runs (the decorator reads it), so it is set
 here, before a test module imports a kernel.
 """
@@ -14,7 +17,7 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def poison_empty(monkeypatch):
     """Every float buffer the kernels allocate with torch.empty/empty_like starts as NaN, so an element
     a kernel forgets to write fails the test instead of passing on leftover memory."""
@@ -30,7 +33,7 @@ def poison_empty(monkeypatch):
     yield
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def seed():
     torch.manual_seed(1234)
     yield

@@ -6,6 +6,8 @@ from tests.kernels.conftest import DEVICE
 
 from megatrain.triton_kernels.adamw import adamw_step, adamw_step_reference
 
+pytestmark = pytest.mark.usefixtures("poison_empty", "seed")
+
 SHAPES = [(1,), (7,), (3, 5), (2049,), (0,)]  # 2049 spans two blocks; (0,) must be skipped cleanly
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 

@@ -7,6 +7,8 @@ from tests.kernels.conftest import DEVICE, check_against_reference
 from megatrain.ops.attention import attention_reference
 from megatrain.triton_kernels.flash_attention import attention
 
+pytestmark = pytest.mark.usefixtures("poison_empty", "seed")
+
 # (B, Hq, Hkv, T, S, D, causal): interpreter-sized; block 16 so every case spans several ragged blocks
 CPU_CASES = [
     (1, 2, 1, 1, 1, 16, True),

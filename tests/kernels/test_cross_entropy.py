@@ -7,6 +7,8 @@ from tests.kernels.conftest import DEVICE, check_against_reference
 from megatrain.ops.cross_entropy import cross_entropy_reference
 from megatrain.triton_kernels.cross_entropy import cross_entropy
 
+pytestmark = pytest.mark.usefixtures("poison_empty", "seed")
+
 
 def _labels(n, v, *, ignore_index=-100, frac_ignored=0.2):
     labels = torch.randint(0, v, (n,))

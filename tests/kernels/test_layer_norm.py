@@ -7,6 +7,8 @@ from tests.kernels.conftest import DEVICE, check_against_reference
 from megatrain.ops.norms import layer_norm_reference
 from megatrain.triton_kernels.layer_norm import add_layer_norm, layer_norm
 
+pytestmark = pytest.mark.usefixtures("poison_empty", "seed")
+
 
 def _add_ref(x, r, w, b, eps):
     h = x + r

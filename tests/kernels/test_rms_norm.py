@@ -7,6 +7,8 @@ from tests.kernels.conftest import check_against_reference
 from megatrain.ops.norms import rms_norm_reference
 from megatrain.triton_kernels.rms_norm import add_rms_norm, rms_norm
 
+pytestmark = pytest.mark.usefixtures("poison_empty", "seed")
+
 
 def _add_ref(x, r, w, eps):
     h = x + r

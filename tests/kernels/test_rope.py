@@ -7,6 +7,8 @@ from tests.kernels.conftest import DEVICE, check_against_reference
 from megatrain.ops.rope import apply_rope_reference, rope_cache
 from megatrain.triton_kernels.rope import rope
 
+pytestmark = pytest.mark.usefixtures("poison_empty", "seed")
+
 
 def _cos_sin(seq_len, head_dim):
     cos, sin = rope_cache(seq_len, head_dim, theta=500.0)

@@ -7,6 +7,8 @@ from tests.kernels.conftest import DEVICE, check_against_reference
 from megatrain.ops.activations import swiglu_reference
 from megatrain.triton_kernels.swiglu import swiglu
 
+pytestmark = pytest.mark.usefixtures("poison_empty", "seed")
+
 
 @pytest.mark.parametrize("shape", [(1,), (3, 7, 33), (2, 1025)])
 def test_swiglu_matches_reference(shape):
