@@ -90,3 +90,15 @@ def check_against_reference(kernel_fn, ref_fn, args, *, atol_floor=1e-5, dtype=t
         if isinstance(r, torch.Tensor) and r.requires_grad:
             assert k.grad is not None, f"input {i}: no gradient from the kernel"
             assert_ratio(f"grad of input {i}", k.grad, low.grad, r.grad, atol_floor=atol_floor)
+
+
+def force_triton(monkeypatch, module_name):
+    """Make the dispatcher in ``megatrain.ops.<module_name>`` choose the triton backend even on CPU
+    (interpreter), to check the wiring from the ops layer to the kernels."""
+    import importlib
+    import sys
+
+    importlib.import_module(f"megatrain.ops.{module_name}")
+    module = sys.modules[f"megatrain.ops.{module_name}"]  # the package re-exports same-named functions
+    monkeypatch.setattr(module, "backend_for", lambda op, device="cpu": "triton")
+    return module

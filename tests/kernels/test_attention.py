@@ -92,3 +92,12 @@ def test_attention_gpu_other_head_dims(d):
     check_against_reference(lambda q, k, v: attention(q, k, v, True),
                             lambda q, k, v: attention_reference(q, k, v, True), [q, k, v],
                             dtype=torch.bfloat16, atol_floor=1e-4)
+
+
+def test_ops_wiring_reaches_kernel(monkeypatch):
+    from tests.kernels.conftest import force_triton
+
+    ops = force_triton(monkeypatch, "attention")
+    q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
+    torch.testing.assert_close(ops.attention(q, k, v, causal=True), attention_reference(q, k, v, True),
+                               rtol=1e-5, atol=1e-5)

@@ -182,3 +182,19 @@ def test_vocab_parallel_cross_entropy_two_gloo_ranks(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_vp_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+
+
+def test_ops_wiring_reaches_kernel(monkeypatch):
+    from tests.kernels.conftest import force_triton
+
+    from megatrain.ops.cross_entropy import fused_linear_cross_entropy_reference
+
+    logits, labels = torch.randn(7, 30, device=DEVICE), _labels(7, 30).to(DEVICE)
+    h, w = torch.randn(7, 8, device=DEVICE), torch.randn(30, 8, device=DEVICE)
+    torch_path = force_triton(monkeypatch, "cross_entropy")
+    got = torch_path.cross_entropy(logits, labels, label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(got, cross_entropy_reference(logits, labels, label_smoothing=0.1, reduction="sum"))
+    got = torch_path.fused_linear_cross_entropy(h, w, labels)
+    torch.testing.assert_close(got, fused_linear_cross_entropy_reference(h, w, labels), rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    torch.testing.assert_close(torch_path.fused_linear_cross_entropy(h, w, labels), got, rtol=1e-5, atol=1e-6)

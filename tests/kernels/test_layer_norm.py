@@ -47,3 +47,18 @@ def test_layer_norm_gpu_lowprec(dtype, hidden):
     check_against_reference(layer_norm, layer_norm_reference, [x, w, b, 1e-5], dtype=dtype, atol_floor=1e-3)
     r = torch.randn(4, 257, hidden).requires_grad_()
     check_against_reference(add_layer_norm, _add_ref, [x, r, w, b, 1e-5], dtype=dtype, atol_floor=1e-3)
+
+
+def test_ops_wiring_reaches_kernel(monkeypatch):
+    from tests.kernels.conftest import force_triton
+
+    ops = force_triton(monkeypatch, "norms")
+    x, r = torch.randn(3, 40, device=DEVICE), torch.randn(3, 40, device=DEVICE)
+    w, b = torch.randn(40, device=DEVICE), torch.randn(40, device=DEVICE)
+    torch.testing.assert_close(ops.layer_norm(x, w, b, 1e-5), layer_norm_reference(x, w, b, 1e-5), rtol=1e-5, atol=1e-5)
+    y, h = ops.add_layer_norm(x, r, w, b, 1e-5)
+    torch.testing.assert_close(h, x + r)
+    torch.testing.assert_close(y, layer_norm_reference(x + r, w, b, 1e-5), rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    y_torch, h_torch = ops.add_layer_norm(x, r, w, b, 1e-5)  # the CPU path
+    torch.testing.assert_close((y_torch, h_torch), (y, h), rtol=1e-5, atol=1e-5)

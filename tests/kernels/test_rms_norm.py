@@ -49,3 +49,13 @@ def test_rms_norm_gpu_lowprec(dtype, hidden):
     check_against_reference(rms_norm, rms_norm_reference, [x, w, 1e-6], dtype=dtype, atol_floor=1e-3)
     r = torch.randn(4, 257, hidden).requires_grad_()
     check_against_reference(add_rms_norm, _add_ref, [x, r, w, 1e-6], dtype=dtype, atol_floor=1e-3)
+
+
+def test_ops_wiring_reaches_kernel(monkeypatch):
+    from tests.kernels.conftest import DEVICE, force_triton
+
+    ops = force_triton(monkeypatch, "norms")
+    x, r, w = torch.randn(3, 40, device=DEVICE), torch.randn(3, 40, device=DEVICE), torch.randn(40, device=DEVICE)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), rtol=1e-5, atol=1e-5)
+    y, h = ops.add_rms_norm(x, r, w, 1e-6)
+    torch.testing.assert_close(y, rms_norm_reference(x + r, w, 1e-6), rtol=1e-5, atol=1e-5)

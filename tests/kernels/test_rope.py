@@ -72,3 +72,15 @@ def test_rope_gpu_lowprec(dtype, d):
     q, k = torch.randn(2, 32, 1025, d).requires_grad_(), torch.randn(2, 8, 1025, d).requires_grad_()
     cos, sin = _cos_sin(1025, d)
     check_against_reference(rope, apply_rope_reference, [q, k, cos, sin], dtype=dtype, atol_floor=1e-3)
+
+
+def test_ops_wiring_reaches_kernel(monkeypatch):
+    from tests.kernels.conftest import force_triton
+
+    ops = force_triton(monkeypatch, "rope")
+    q, k = torch.randn(1, 2, 6, 16, device=DEVICE), torch.randn(1, 1, 6, 16, device=DEVICE)
+    cos, sin = (c.to(DEVICE) for c in _cos_sin(6, 16))
+    expected = apply_rope_reference(q, k, cos, sin)
+    torch.testing.assert_close(ops.apply_rope(q, k, cos, sin), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ops.apply_rope(q.clone(), k.clone(), cos, sin, inplace=True), expected,
+                               rtol=1e-6, atol=1e-6)

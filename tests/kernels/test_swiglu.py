@@ -34,3 +34,11 @@ def test_swiglu_rejects_shape_mismatch():
 def test_swiglu_gpu_lowprec(dtype):
     gate, up = torch.randn(4, 512, 11008).requires_grad_(), torch.randn(4, 512, 11008).requires_grad_()
     check_against_reference(swiglu, swiglu_reference, [gate, up], dtype=dtype, atol_floor=1e-3)
+
+
+def test_ops_wiring_reaches_kernel(monkeypatch):
+    from tests.kernels.conftest import force_triton
+
+    ops = force_triton(monkeypatch, "activations")
+    gate, up = torch.randn(4, 33, device=DEVICE), torch.randn(4, 33, device=DEVICE)
+    torch.testing.assert_close(ops.swiglu(gate, up), swiglu_reference(gate, up), rtol=1e-6, atol=1e-6)
