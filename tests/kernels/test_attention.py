@@ -101,3 +101,16 @@ def test_ops_wiring_reaches_kernel(monkeypatch):
     q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
     torch.testing.assert_close(ops.attention(q, k, v, causal=True), attention_reference(q, k, v, True),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_saved_lse_is_the_row_logsumexp(causal):
+    from megatrain.triton_kernels.flash_attention import flash_attention_forward
+
+    q, k, v = torch.randn(1, 2, 21, 32, device=DEVICE), torch.randn(1, 1, 35, 32, device=DEVICE), \
+        torch.randn(1, 1, 35, 32, device=DEVICE)
+    _, lse = flash_attention_forward(q, k, v, causal=causal)  # (B, Hq, T)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 32 ** 0.5  # (B, Hq, T, S) via broadcast of 1 kv head
+    if causal:
+        scores = scores.masked_fill(torch.ones(21, 35, dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
