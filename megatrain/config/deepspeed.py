@@ -33,6 +33,10 @@ def to_deepspeed(cfg: Config, layout: Layout) -> dict[str, Any]:
             "min_loss_scale": 1,
         },
     }
+    if par.pp > 1 and par.sequence_parallel:
+        # DeepSpeed's pipe partitioning slices activations over tp ranks assuming they are replicated there;
+        # under sequence parallelism each tp rank holds a different sequence shard, already 1/tp in size.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if par.offload_optimizer == "cpu":
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if train.deepspeed_config:

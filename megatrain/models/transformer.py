@@ -117,12 +117,16 @@ class Embedding(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, H)
-        h = self.wte(input_ids)
+        return self.add_positions(self.wte(input_ids))
+
+    def add_positions(self, h: torch.Tensor) -> torch.Tensor:
+        """Token vectors (B, T, H) → block input: + learned positions (gpt2), dropout."""
         if self.wpe is not None:
-            if input_ids.shape[1] > self.wpe.num_embeddings:
-                raise ValueError(f"sequence length {input_ids.shape[1]} exceeds model.max_seq_len="
+            t = h.shape[1]
+            if t > self.wpe.num_embeddings:
+                raise ValueError(f"sequence length {t} exceeds model.max_seq_len="
                                  f"{self.wpe.num_embeddings}; shorten inputs or raise max_seq_len")
-            h = h + self.wpe(torch.arange(input_ids.shape[1], device=input_ids.device))
+            h = h + self.wpe(torch.arange(t, device=h.device))
         return self.dropout(h)
 
 

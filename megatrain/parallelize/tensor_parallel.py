@@ -23,13 +23,13 @@ def padded_vocab_size(vocab: int, tp: int) -> int:
     return math.ceil(vocab / tp) * tp
 
 
-def _split_sequence_after(module: nn.Module, group) -> None:
-    inner = module.forward
+def _split_sequence_after_embedding(embed: nn.Module, group) -> None:
+    inner = embed.add_positions  # the last step of the embedding, in the plain and the pipelined model
 
-    def forward(*args):
+    def add_positions(*args):
         return split_to_group(inner(*args), group, dim=1)  # (B, T, H) -> (B, T/tp, H)
 
-    module.forward = forward
+    embed.add_positions = add_positions
 
 
 def apply_tensor_parallel(model: nn.Module, cfg: Config, dims) -> nn.Module:
@@ -57,7 +57,7 @@ def apply_tensor_parallel(model: nn.Module, cfg: Config, dims) -> nn.Module:
     else:
         head.lm_head = ColumnParallelLinear.from_linear(head.lm_head, pad_out_to=padded, **col)
     if sp:
-        _split_sequence_after(model.embed, group)
+        _split_sequence_after_embedding(model.embed, group)
         replicated_seen_by_shard += [head.norm.weight, head.norm.bias]
         all_reduce_grads_over(replicated_seen_by_shard, group)
     return model

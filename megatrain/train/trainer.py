@@ -32,6 +32,9 @@ def step_seed(seed: int, step: int, dp_rank: int) -> int:
 class Trainer:
     def __init__(self, cfg: Config, task=None, *, local_rank: int | None = None):
         self.cfg = cfg
+        # Check the layout against the launcher's world size before any process group exists: a bad
+        # layout fails on every rank at once with the same one-line reason, not as a collective hang.
+        resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.rank, self.world, _ = init_distributed(local_rank)
         self.layout = resolve_layout(cfg, self.world)
         from megatrain.dist.dims import DeepSpeedMPU, build_parallel_dims
@@ -50,9 +53,15 @@ class Trainer:
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
 
         from megatrain.parallelize import parallelize
-        model = parallelize(task.build_model(), cfg, self.dims)
+        if (cfg.train.l1 or cfg.train.l2) and self.layout.pp > 1:
+            raise ValueError("train.l1/l2 penalties are not supported with parallel.pp>1 (the loss is computed "
+                             "inside the pipeline); use train.weight_decay")
+        self.pipelined = self.layout.pp > 1
+        model = parallelize(task.build_model(), cfg, self.dims, loss_fn=self._pipeline_loss)
         self.model_for_penalty = model
-        self.engine, self.optimizer, self.scheduler = self._deepspeed(model, DeepSpeedMPU(self.dims))
+        # DeepSpeed takes the groups from a PipelineModule's own grid; otherwise from our mpu.
+        mpu = None if self.pipelined else DeepSpeedMPU(self.dims)
+        self.engine, self.optimizer, self.scheduler = self._deepspeed(model, mpu)
         self.train_data = task.train_dataset()
         self.val_data = task.val_dataset()
         from megatrain.data.sampler import GlobalBatchSampler
@@ -96,6 +105,9 @@ class Trainer:
         self.scheduler.step()
         self.resumed_from = os.path.join(*where)
 
+    def _pipeline_loss(self, logits, labels):
+        return self.task.loss_from_logits(logits, {"labels": labels})[0]
+
     # ---- data --------------------------------------------------------------------------------------
     def _micro_batch(self, indices: list[int], dataset) -> dict:
         batch = default_collate([dataset[i] for i in indices])
@@ -133,6 +145,8 @@ class Trainer:
         torch.manual_seed(step_seed(t.seed, self.step, dims.dp_rank))
         indices = self._global_indices(self.step)
         self.engine.train()
+        if self.pipelined:
+            return self._pipeline_step(indices)
         totals: dict[str, torch.Tensor] = {}
         items = 0
         for micro in range(lay.grad_accum):
@@ -148,6 +162,26 @@ class Trainer:
         totals = self._reduce(totals, dims.dp_group)
         return self.task.summarize(totals), items * dims.dp
 
+    def _rank_micro_batches(self, indices: list[int], dataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        from megatrain.data.sampler import rank_slice
+        lay, dims = self.layout, self.dims
+        out = []
+        for micro in range(lay.grad_accum):
+            mb = rank_slice(indices, dp_rank=dims.dp_rank, dp_size=dims.dp, micro_batch_size=lay.micro_batch_size,
+                            micro_step=micro)
+            batch = self._micro_batch(mb, dataset)
+            out.append((batch["input_ids"], batch["labels"]))
+        return out
+
+    def _pipeline_step(self, indices: list[int]) -> tuple[dict[str, float], int]:
+        """1F1B over this rank's micro-batches (DeepSpeed's engine); the mean loss comes back on every stage,
+        already averaged over data-parallel ranks."""
+        batches = self._rank_micro_batches(indices, self.train_data)
+        loss = self.engine.train_batch(data_iter=iter(batches)).detach().float().cpu()
+        tokens = sum(x.numel() for x, _ in batches) * self.dims.dp
+        count = torch.tensor(float(tokens))
+        return self.task.summarize({"loss_sum": loss * count, "count": count}), tokens
+
     @torch.no_grad()
     def evaluate(self, dataset=None, *, max_batches: int | None = None) -> dict[str, float]:
         """Validation metrics over the first ``eval_batches`` micro-batches per rank, summed over dp."""
@@ -156,6 +190,8 @@ class Trainer:
             return {}
         dims, micro = self.dims, self.layout.micro_batch_size
         n_batches = max_batches or self.cfg.train.eval_batches
+        if self.pipelined:
+            return self._pipeline_evaluate(dataset, n_batches)
         self.engine.eval()
         totals: dict[str, torch.Tensor] = {}
         for b in range(n_batches):
@@ -171,6 +207,21 @@ class Trainer:
             totals = {k: torch.zeros_like(v.detach().float().cpu()) for k, v in stats.items()}
         self.engine.train()
         return self.task.summarize(self._reduce(totals, dims.dp_group))
+
+    def _pipeline_evaluate(self, dataset, n_batches: int) -> dict[str, float]:
+        lay, dims = self.layout, self.dims
+        per_pass = lay.grad_accum * lay.micro_batch_size * dims.dp
+        losses = []
+        for b in range(max(1, n_batches // lay.grad_accum)):
+            if (b + 1) * per_pass > len(dataset):
+                break
+            batches = self._rank_micro_batches(list(range(b * per_pass, (b + 1) * per_pass)), dataset)
+            losses.append(self.engine.eval_batch(data_iter=iter(batches)).detach().float().cpu())
+        self.engine.train()
+        if not losses:
+            return {}
+        count = torch.tensor(float(len(losses)))
+        return self.task.summarize({"loss_sum": torch.stack(losses).sum(), "count": count})
 
     def save(self) -> str:
         state = {"step": self.step, "seed": self.cfg.train.seed, "consumed_samples": self.step * self.layout.global_batch_size,
