@@ -64,8 +64,9 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     return where
 
 
-def load_member(path: str, *, pool=None):
-    """(config, task, model in eval mode on CPU) for one checkpoint."""
+def load_member(path: str, *, shared=None):
+    """(config, task, model in eval mode on CPU) for one checkpoint. ``shared`` = (data config, loaded pool,
+    arch) reuses arrays already in memory when the member was trained on the same data."""
     from megatrain.config import build_config
     from megatrain.train.tasks import make_task
 
@@ -76,7 +77,8 @@ def load_member(path: str, *, pool=None):
     cfg = build_config(meta["config"])
     if cfg.model.task == "classification":
         from megatrain.train.classification_task import ClassificationTask
-        task = ClassificationTask(cfg, pool=pool)
+        same = shared is not None and cfg.data == shared[0] and cfg.model.arch == shared[2]
+        task = ClassificationTask(cfg, pool=shared[1] if same else None)
     else:
         task = make_task(cfg)
     model = task.build_model()
@@ -108,17 +110,22 @@ def run_ensemble(cfg, *, log: Callable[[str], None] = print) -> dict:
     if val is None:
         raise ValueError("the validation split is empty; set data.val_fraction > 0 to score the ensemble")
     val_idx = set(base.val_idx.tolist())
+    base_labels = torch.from_numpy(base.pool.y[base.val_idx])
     rows, probs, labels = [], [], None
     for path in cfg.eval.ensemble:
-        mcfg, task, model = load_member(path, pool=base.pool)
+        mcfg, task, model = load_member(path, shared=(cfg.data, base.pool, cfg.model.arch))
         if not isinstance(task, ClassificationTask):
             raise ValueError(f"eval.ensemble member {path} is a {mcfg.model.task} model; all members must classify")
         leaked = len(val_idx.intersection(task.train_idx.tolist()))
         if leaked:
             raise ValueError(f"eval.ensemble member {path} trained on {leaked} of the validation samples; "
                              "train members with the same data split (data.val_fraction) as the evaluation config")
-        p, y = task.predict_proba(model, val)
-        labels = y if labels is None else labels
+        # each member reads the samples its own way (pixels for a CNN, token rows for an RNN)
+        p, y = task.predict_proba(model, task.dataset_for(base.val_idx))
+        if not torch.equal(y, base_labels):
+            raise ValueError(f"eval.ensemble member {path} was trained on other data ({mcfg.data.dataset} at "
+                             f"{mcfg.data.path}); all members must share the evaluation config's data")
+        labels = y
         probs.append(p)
         rows.append({"member": path, **score(p, y, base.num_classes)})
         log(f"member {path}: " + " ".join(f"{k}={v:.4f}" for k, v in rows[-1].items() if k != "member"))

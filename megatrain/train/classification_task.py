@@ -93,16 +93,17 @@ class ClassificationTask:
         from megatrain.models.rnn import build_rnn_classifier
         return build_rnn_classifier(self.cfg.model, self.cfg.model.vocab_size, seed=seed)
 
-    def _dataset(self, indices: np.ndarray):
+    def dataset_for(self, indices: np.ndarray):
+        """A dataset over pool ``indices`` (the ensemble tool scores members on another config's split)."""
         if self.is_image:
             return img.ImageDataset(self.pool.x, self.pool.y, indices)
         return img.TokenSequenceDataset(self.pool.tokens, self.pool.lengths, self.pool.y, indices)
 
     def train_dataset(self):
-        return self._dataset(self.train_idx)
+        return self.dataset_for(self.train_idx)
 
     def val_dataset(self):
-        return self._dataset(self.val_idx) if len(self.val_idx) else None
+        return self.dataset_for(self.val_idx) if len(self.val_idx) else None
 
     def loss_and_stats(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         logits = self.logits(model, batch).float()  # (B, C)
@@ -140,10 +141,10 @@ class ClassificationTask:
         return steps * self.cfg.train.global_batch_size // max(len(self.train_idx), 1)
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits (B, C) for a collated batch; augments image batches only while ``model.training``."""
+        """Logits (B, C) for a collated batch; augments image batches only in training mode."""
         if self.is_image:
             x = batch["image"].float()  # (B, C, H, W) in [0, 1]
-            if model.training and self.augment is not None:
+            if _is_training(model) and self.augment is not None:
                 x = augment_batch(x, batch["index"], self.augment, seed=self.cfg.train.seed,
                                   epoch=self.epoch_of(model))
             x = img.normalize(x, self.mean, self.std)
@@ -168,6 +169,12 @@ class ClassificationTask:
             labels.append(batch["label"].cpu())
         model.train(was_training)
         return torch.cat(probs), torch.cat(labels)
+
+
+def _is_training(model: nn.Module) -> bool:
+    # DeepSpeedEngine.eval()/train() switch the wrapped module but leave the engine's own ``training`` flag at
+    # True, so the flag of the module that actually runs is the one to trust.
+    return getattr(model, "module", model).training
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
