@@ -64,3 +64,22 @@ def run_ranks(world_size: int, argv: list[str], *, timeout: float = 300, env: di
             if p.poll() is None:
                 p.kill()
     return results  # type: ignore[return-value]
+
+
+def _spawned(rank: int, world_size: int, init_file: str, fn, args) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_group(world_size: int, fn, *args) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined in one gloo group.
+    ``fn`` must be importable (module level). An exception in any rank fails the call."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_spawned, args=(world_size, os.path.join(tmp, "init"), fn, args), nprocs=world_size, join=True)
