@@ -30,6 +30,9 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    from megatrain.dist import comm_counter
+    if comm_counter.enabled_by_env():
+        comm_counter.enable()  # before DeepSpeed binds torch.distributed functions
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import default_collate
 
 from megatrain.config import Config, resolve_layout, to_deepspeed
+from megatrain.dist import comm_counter
 from megatrain.dist.env import device as current_device
 from megatrain.dist.env import init_distributed
 from megatrain.train import checkpoint as ckpt
@@ -250,6 +251,8 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.step += 1
                 record = {"step": self.step, **metrics, "lr": lr, "tokens_per_s": items / dt, "step_time_s": dt}
+                if comm_counter.enabled_by_env():
+                    record["comm_bytes"] = comm_counter.take()  # this rank's payload bytes in the step
                 every = cfg.train.eval_every
                 if self.val_data is not None and ((every and self.step % every == 0) or self.step == cfg.train.max_steps):
                     record.update({f"val_{k}": v for k, v in self.evaluate().items()})
