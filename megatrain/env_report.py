@@ -1,0 +1,32 @@
+"""`megatrain env`: versions, devices and the kernel backend each op would use."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def report_rows() -> list[tuple[str, str]]:
+    from megatrain.ops.dispatch import OPS, available_backends, backend_for
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = [("python", platform.python_version()), ("torch", torch.__version__),
+            ("cuda", torch.version.cuda or "none (CPU build)" if not torch.cuda.is_available() else torch.cuda.get_device_name()),
+            ("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "(auto)"))]
+    for mod in ("deepspeed", "triton", "transformers"):
+        try:
+            rows.append((mod, __import__(mod).__version__))
+        except Exception as err:  # report, never fail: this command exists to diagnose broken installs
+            rows.append((mod, f"unavailable ({err.__class__.__name__})"))
+    for op in OPS:
+        try:
+            chosen = backend_for(op, device)
+        except ValueError as err:
+            chosen = f"error: {err}"
+        rows.append((f"op {op}", f"{chosen}  (available on {device}: {', '.join(available_backends(op, device))})"))
+    return rows
+
+
+def print_report() -> None:
+    for key, value in report_rows():
+        print(f"{key:22s} {value}")
