@@ -3,6 +3,7 @@
 // ~30 s on a 2-core CI machine (JIT build time is paid on every fresh clone).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <string>
@@ -58,6 +59,15 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
               "cpu_adam: isa '", isa_s, "' is not supported on this CPU (best: ", ca::best_isa(), ")");
 }
 
+// (numel,) fp32 zeros in 2 MiB-aligned, huge-page-advised memory (see alloc_state).
+at::Tensor zeros_state(int64_t numel, int64_t num_threads) {
+  TORCH_CHECK(numel >= 0, "cpu_adam: zeros_state needs numel >= 0");
+  const int threads = num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
+  float* data = ca::alloc_state(numel, threads);
+  TORCH_CHECK(data != nullptr, "cpu_adam: could not allocate ", numel * 4, " bytes of optimizer state");
+  return at::from_blob(data, {numel}, [](void* p) { ca::free_state(p); }, at::TensorOptions().dtype(at::kFloat));
+}
+
 std::vector<std::string> isas() {
   std::vector<std::string> out;
   for (const char* name : {"avx512", "avx2", "scalar"})
@@ -73,5 +83,6 @@ TORCH_LIBRARY(megatrain_cpu_adam, m) {
       "Tensor?[] bf16_params, float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
       "int num_threads=0, str isa=\"auto\") -> ()",
       &adamw_step);
+  m.def("zeros_state(int numel, int num_threads=0) -> Tensor", &zeros_state);
   m.def("isas() -> str[]", &isas);
 }

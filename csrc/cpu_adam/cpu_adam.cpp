@@ -10,9 +10,15 @@
 // so results agree with it to an ulp or two per step (tests/kernels/test_cpu_adam.py).
 #include "cpu_adam.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -186,6 +192,26 @@ const char* best_isa() {
   return "scalar";
 }
 
+float* alloc_state(int64_t numel, int num_threads) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t bytes = std::max<size_t>(static_cast<size_t>(numel) * sizeof(float), sizeof(float));
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* ptr = nullptr;
+  if (posix_memalign(&ptr, kHuge, rounded) != 0) return nullptr;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(ptr, rounded, MADV_HUGEPAGE);  // a hint: without THP support this is a no-op
+#endif
+  auto* data = static_cast<float*>(ptr);
+  const int64_t n = static_cast<int64_t>(rounded / sizeof(float));
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(num_threads > 0 ? num_threads : 1) if (n > kChunk)
+#endif
+  for (int64_t b = 0; b < n; b += kChunk) std::memset(data + b, 0, std::min(kChunk, n - b) * sizeof(float));
+  return data;
+}
+
+void free_state(void* ptr) { std::free(ptr); }
+
 bool step(const Slot* slots, int64_t num_slots, const Hyper& h, int num_threads, const char* isa) {
   const RangeFn fn = pick(isa);
   if (fn == nullptr) return false;
@@ -196,8 +222,9 @@ bool step(const Slot* slots, int64_t num_slots, const Hyper& h, int num_threads,
   const int64_t n = static_cast<int64_t>(work.size());
 #ifdef _OPENMP
   if (num_threads > 1 && n > 1) {
-    // static schedule: each thread gets one contiguous run of chunks (prefetcher-friendly)
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+    // dynamic, 4 chunks (256 KiB per stream) at a time: an offload host also runs data loading and
+    // communication threads, and with a static split the step waits for whichever thread got preempted
+#pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads)
     for (int64_t k = 0; k < n; ++k) fn(*work[k].slot, work[k].begin, work[k].end, h);
     return true;
   }

@@ -31,12 +31,15 @@ class _AdamWBase(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)  # same as torch.optim.AdamW (float32 CPU scalar)
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                state["exp_avg"] = self._zeros_state(p)
+                state["exp_avg_sq"] = self._zeros_state(p)
             state["step"] += 1
             key = (int(state["step"].item()), p.dtype)
             buckets.setdefault(key, []).append((p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
         return buckets
+
+    def _zeros_state(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
 class CPUAdamW(_AdamWBase):
@@ -53,6 +56,12 @@ class CPUAdamW(_AdamWBase):
         self._ops = extensions.ops("cpu_adam")  # raises with the reason when the extension is unavailable
         self.num_threads, self.isa = num_threads, isa
         self._bf16: dict[torch.Tensor, torch.Tensor] = {}
+
+    def _zeros_state(self, p: torch.Tensor) -> torch.Tensor:
+        if p.numel() * 4 < (2 << 20):
+            return super()._zeros_state(p)
+        # huge-page-backed moments: ~13% faster steps on large partitions (csrc/cpu_adam/cpu_adam.h)
+        return self._ops.zeros_state(p.numel(), self.num_threads).view(p.shape)
 
     def set_bf16_copy(self, param: torch.Tensor, copy: torch.Tensor) -> None:
         if copy.dtype != torch.bfloat16 or copy.shape != param.shape or not copy.is_contiguous():
