@@ -179,6 +179,49 @@ class SearchConfig(Section):
     mode: Literal["min", "max"] = Field("min", description="Whether eval.metric is minimised or maximised.")
 
 
+class PruneConfig(Section):
+    source: Optional[str] = Field(
+        None, description="Model to prune: a megatrain checkpoint (run dir, checkpoints dir or step dir), a pruned "
+                          "model dir, or a local Hugging Face dir; None = the model built from the config seed.")
+    out: Optional[str] = Field(None, description="Pruned model directory (safetensors + config.yaml); None = <log.dir>/pruned.")
+    mlp: float = Field(0.0, ge=0.0, description="Fraction of MLP intermediate channels removed from every layer (< 1).")
+    heads: float = Field(0.0, ge=0.0, description="Fraction of attention heads removed from every layer (< 1).")
+    layers: float = Field(0.0, ge=0.0, description="Fraction of whole Transformer blocks removed (depth, < 1).")
+    gqa: Literal["groups", "within"] = Field(
+        "groups", description="GQA head pruning: remove whole kv groups (kv head + its query heads), or the same "
+                              "number of query heads inside every group (kv heads kept).")
+    importance: Literal["l1", "l2", "taylor", "activation"] = Field(
+        "taylor", description="Unit importance: weight magnitude (l1/l2), first-order Taylor |w*dL/dw| or "
+                              "mean |activation| over calibration batches.")
+    calib_batches: int = Field(8, gt=0, description="Calibration micro-batches per rank for taylor/activation importance.")
+    schedule: Literal["oneshot", "iterative"] = Field(
+        "oneshot", description="Prune to the target at once, or in prune.iterations equal steps with fine-tuning between.")
+    iterations: int = Field(3, gt=0, description="Pruning steps for schedule=iterative.")
+    finetune_steps: int = Field(0, ge=0, description="Trainer steps of fine-tuning after each pruning step (0 = none).")
+    measure_batches: int = Field(4, gt=0, description="Micro-batches timed for the tokens/s column of the report.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PruneConfig":
+        for name in ("mlp", "heads", "layers"):
+            if getattr(self, name) >= 1.0:
+                raise ValueError(f"prune.{name}={getattr(self, name)} would remove every unit; "
+                                 "use a fraction in [0, 1)")
+        return self
+
+
+class DistillConfig(Section):
+    teacher: Optional[str] = Field(
+        None, description="Teacher: a megatrain checkpoint (run dir, checkpoints dir or step dir), a pruned model "
+                          "dir, or a local Hugging Face dir. Frozen, eval mode, no optimizer state.")
+    student: Optional[str] = Field(
+        None, description="Initial student weights (e.g. a prune.out dir); None = a fresh model from the config.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft-target KL; (1 - alpha) weighs hard-label CE.")
+    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature T of the KL (the KL term is scaled by T^2).")
+    hidden_mse: float = Field(
+        0.0, ge=0.0, description="Weight of an MSE between last-block hidden states (learned projection when widths differ).")
+    teacher_bf16: bool = Field(False, description="Run the teacher in bf16 (halves its memory; logits upcast for the loss).")
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -188,6 +231,8 @@ class Config(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @property
     def seq_len(self) -> int:
@@ -201,3 +246,4 @@ class Config(Section):
         if self.train.schedule == "cosine" and self.train.min_lr > self.train.lr:
             raise ValueError(f"train.min_lr={self.train.min_lr} is above train.lr={self.train.lr}; lower min_lr")
         return self
+
