@@ -246,4 +246,3 @@ class Config(Section):
         if self.train.schedule == "cosine" and self.train.min_lr > self.train.lr:
             raise ValueError(f"train.min_lr={self.train.min_lr} is above train.lr={self.train.lr}; lower min_lr")
         return self
-
