@@ -56,8 +56,11 @@ def kfold_indices(labels_or_n: np.ndarray | int, k: int, *, stratified: bool = T
 
 
 def summarize_folds(results: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """{metric: {mean, std, min, max}} over folds; std is the sample std (ddof=1), as CV papers report."""
+    """{metric: {mean, std, min, max}} over folds; std is the sample std (ddof=1), as CV papers report.
+    Only validation metrics (``val_*``) are summarised when the runs report them: CV measures held-out data."""
     keys = [k for k in results[0] if all(isinstance(r.get(k), (int, float)) for r in results)]
+    if any(k.startswith("val_") for k in keys):
+        keys = [k for k in keys if k.startswith("val_")]
     out = {}
     for key in keys:
         vals = np.array([float(r[key]) for r in results])
