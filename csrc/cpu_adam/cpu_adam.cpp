@@ -95,6 +95,10 @@ __attribute__((target("avx2,fma"))) inline void avx2_8(float* P, const float* G,
 }
 
 // ---- AVX-512F: 16 lanes ----
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_* (GCC PR 105593)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 __attribute__((target("avx512f"))) inline void avx512_16(float* P, const float* G, float* M, float* V, uint16_t* O,
                                                          const Hyper& h) {
   const __m512 g = _mm512_loadu_ps(G);
@@ -118,6 +122,7 @@ __attribute__((target("avx512f"))) inline void avx512_16(float* P, const float* 
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(O), _mm512_cvtepi32_epi16(r));
   }
 }
+#pragma GCC diagnostic pop
 
 // The tail (< W elements) goes through the same vector code on a zero-padded copy, so an element
 // gets identical bits whether it lands in a body or a tail (threaded == single-thread).

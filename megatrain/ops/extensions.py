@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -154,22 +155,24 @@ def _jit_build(name: str, build_dir: Path) -> str:
          f"cached in {build_dir}, limit {timeout:.0f} s)")
     start = time.time()
     verbose = os.environ.get("MEGATRAIN_EXT_VERBOSE") == "1"
-    with open(log_path, "w") as log:
-        try:
-            proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
-                                  start_new_session=True)
-        except subprocess.TimeoutExpired as exc:
-            log.write(exc.stdout or "")
-            raise RuntimeError(f"compiling '{name}' took over {timeout:.0f} s (MEGATRAIN_EXT_BUILD_TIMEOUT); "
-                               f"log: {log_path}; set MEGATRAIN_NO_JIT=1 to use the torch fallback") from None
-        log.write(proc.stdout)
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: ninja and the compilers too
+        output, _ = proc.communicate()
+        log_path.write_text(output or "")
+        lock.unlink(missing_ok=True)  # the killed build cannot release torch's lock itself
+        raise RuntimeError(f"compiling '{name}' took over {timeout:.0f} s (MEGATRAIN_EXT_BUILD_TIMEOUT); "
+                           f"log: {log_path}; set MEGATRAIN_NO_JIT=1 to use the torch fallback") from None
+    log_path.write_text(output)
     if verbose:
-        sys.stderr.write(proc.stdout)
-    lib = next((line.split("=", 1)[1] for line in proc.stdout.splitlines() if line.startswith("MEGATRAIN_LIB=")), None)
+        sys.stderr.write(output)
+    lib = next((line.split("=", 1)[1] for line in output.splitlines() if line.startswith("MEGATRAIN_LIB=")), None)
     if proc.returncode != 0 or lib is None:
-        errors = [line for line in proc.stdout.splitlines() if "error" in line.lower()]
-        first = errors[0].strip() if errors else (proc.stdout.strip().splitlines() or ["no output"])[-1]
+        errors = [line for line in output.splitlines() if "error" in line.lower()]
+        first = errors[0].strip() if errors else (output.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"compiling '{name}' failed: {first[:300]} (full log: {log_path})")
     _status(name).how = f"jit (built in {time.time() - start:.1f} s)"
     return lib
@@ -318,8 +321,13 @@ def backend_report(*, build: bool = False) -> dict:
                 _status(name).how, _status(name).detail = how, f"on disk: {lib}"
     rows = [{"op": op, "cpu": available_backends(op, "cpu"), "cuda": available_backends(op, "cuda")} for op in OPS]
     cpu_adam = _status("cpu_adam") if "cpu_adam" in names else None
-    rows.append({"op": "adamw (CPU / ZeRO offload)",
-                 "cpu": (["cpu_adam"] if cpu_adam and cpu_adam.state == "loaded" else []) + ["torch"], "cuda": []})
+    if cpu_adam is None or cpu_adam.state == "unavailable":
+        offload = ["torch"]
+    elif cpu_adam.state == "loaded" or cpu_adam.how:
+        offload = ["cpu_adam", "torch"]
+    else:
+        offload = (["cpu_adam (JIT on first use)"] if why_not_buildable("cpu_adam") is None else []) + ["torch"]
+    rows.append({"op": "adamw (CPU / ZeRO offload)", "cpu": offload, "cuda": []})
     exts = [vars(_status(n)) | {"reason_if_jit_needed": why_not_buildable(n)} for n in names]
     if cpu_adam is not None and cpu_adam.state == "loaded":
         cpu_adam.extra["isas"] = list(ops("cpu_adam").isas())
@@ -334,8 +342,8 @@ def backend_report(*, build: bool = False) -> dict:
 
 def format_report(report: dict | None = None) -> str:
     report = report or backend_report()
-    lines = [f"{'op':<28} {'cpu':<22} cuda"]
-    lines += [f"{r['op']:<28} {','.join(r['cpu']):<22} {','.join(r['cuda']) or '-'}" for r in report["ops"]]
+    lines = [f"{'op':<28} {'cpu':<36} cuda"]
+    lines += [f"{r['op']:<28} {','.join(r['cpu']):<36} {','.join(r['cuda']) or '-'}" for r in report["ops"]]
     lines.append("")
     lines.append(f"{'extension':<12} {'kind':<5} {'state':<12} {'how':<24} detail")
     for e in report["extensions"]:
