@@ -120,6 +120,32 @@ class FusedAdamW(_AdamWBase):
         return loss
 
 
+class TritonAdamW(_AdamWBase):
+    """AdamW through the Triton multi-tensor kernel (megatrain.triton_kernels.adamw); fp32 params."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        from megatrain.triton_kernels.adamw import adamw_step  # ImportError without triton
+
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self._adamw_step = adamw_step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for (step, _dtype), items in self._buckets(group).items():
+                self._adamw_step([p for p, *_ in items], [g.contiguous() for _, g, _, _ in items],
+                                 [m for *_, m, _ in items], [v for *_, v in items], step=step,
+                                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                                 weight_decay=group["weight_decay"])
+        return loss
+
+
 def _first_device(param_groups: list) -> torch.device:
     for item in param_groups:  # a tensor, or a dict whose "params" is a tensor or a list of them
         params = item["params"] if isinstance(item, dict) else item
@@ -137,8 +163,9 @@ def make_adamw(param_groups, *, lr: float, betas: tuple[float, float], eps: floa
       torch.optim.AdamW (``cuda`` asked for explicitly raises instead); ``torch``/``triton`` -> torch.
       Under ZeRO offload DeepSpeed swaps the params for its fp32 CPU partitions; the ds_config needs
       ``"zero_force_ds_cpu_optimizer": false`` to accept this optimizer.
-    - CUDA params: ``cuda`` -> FusedAdamW (csrc/fused_adam); ``auto``/``torch``/``triton`` ->
-      torch.optim.AdamW(fused=True). The CUDA kernel stays opt-in until its GPU tests have run.
+    - CUDA params: ``cuda`` -> FusedAdamW (csrc/fused_adam); ``triton`` -> TritonAdamW
+      (kernels/adamw.py); ``auto``/``torch`` -> torch.optim.AdamW(fused=True). Both kernels stay opt-in
+      until their GPU tests have run on a GPU.
     """
     config = current_config()
     backend = config.overrides.get("adamw", config.default)
@@ -155,4 +182,6 @@ def make_adamw(param_groups, *, lr: float, betas: tuple[float, float], eps: floa
         return torch.optim.AdamW(param_groups, **kw)
     if backend == "cuda":
         return FusedAdamW(param_groups, **kw)
+    if backend == "triton":
+        return TritonAdamW(param_groups, **kw)
     return torch.optim.AdamW(param_groups, **kw, fused=device.type == "cuda")

@@ -1,4 +1,6 @@
 """C++ CPU AdamW (csrc/cpu_adam) against torch.optim.AdamW: elementwise, bf16 copy-out, thread/ISA invariance."""
+import os
+
 import pytest
 import torch
 
@@ -162,3 +164,21 @@ def test_make_adamw_picks_cpu_adam(cpu_ops):
         assert type(opt) is torch.optim.AdamW
     finally:
         dispatch.configure(default, overrides)
+
+
+def test_triton_adamw_class_matches_torch():
+    """The ``triton`` choice of make_adamw; on CPU it runs under TRITON_INTERPRET=1 (tests/kernels/conftest.py)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 set before the kernels import")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4097, device=device))
+    ref = torch.nn.Parameter(p.detach().clone())
+    opt, ref_opt = adamw_mod.TritonAdamW([p], **HYPER), torch.optim.AdamW([ref], **HYPER, foreach=False)
+    for _ in range(3):
+        g = torch.randn(4097, device=device)
+        p.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(p, ref, rtol=1e-6, atol=1e-7)
