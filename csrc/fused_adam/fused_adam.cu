@@ -37,8 +37,30 @@ struct Table {
 };
 static_assert(sizeof(Table) + sizeof(Hyper) <= 4096, "kernel arguments must fit the 4 KiB limit");
 
+// 8 consecutive elements with 16-byte accesses: one for 16-bit types, two for fp32 (a 32-byte Pack
+// would claim 32-byte alignment, which a 16-byte-aligned view does not have).
+template <typename T>
+__device__ __forceinline__ void load8(const T* ptr, float (&out)[kVec]) {
+  if constexpr (sizeof(T) == 4) {
+    load_vec<T, 4>(ptr, *reinterpret_cast<float(*)[4]>(out));
+    load_vec<T, 4>(ptr + 4, *reinterpret_cast<float(*)[4]>(out + 4));
+  } else {
+    load_vec<T, 8>(ptr, out);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* ptr, const float (&in)[kVec]) {
+  if constexpr (sizeof(T) == 4) {
+    store_vec<T, 4>(ptr, *reinterpret_cast<const float(*)[4]>(in));
+    store_vec<T, 4>(ptr + 4, *reinterpret_cast<const float(*)[4]>(in + 4));
+  } else {
+    store_vec<T, 8>(ptr, in);
+  }
+}
+
 __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float& v, const Hyper& h) {
-  p = p * h.decay;
+  p = __fmul_rn(p, h.decay);
   m = __fmaf_rn(h.one_minus_b1, g - m, m);
   v = __fadd_rn(__fmul_rn(v, h.beta2), __fmul_rn(__fmul_rn(h.one_minus_b2, g), g));  // no contraction
   const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), h.bc2_sqrt), h.eps);
@@ -63,19 +85,15 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__
     const int64_t n_vec = n / kVec * kVec;
     for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < n_vec; i += kThreads * kVec) {
       float p[kVec], g[kVec], m[kVec], v[kVec];
-      load_vec<T, kVec>(P + i, p);
-      load_vec<T, kVec>(G + i, g);
-      load_vec<float, 4>(M + i, *reinterpret_cast<float(*)[4]>(m));
-      load_vec<float, 4>(M + i + 4, *reinterpret_cast<float(*)[4]>(m + 4));
-      load_vec<float, 4>(V + i, *reinterpret_cast<float(*)[4]>(v));
-      load_vec<float, 4>(V + i + 4, *reinterpret_cast<float(*)[4]>(v + 4));
+      load8(P + i, p);
+      load8(G + i, g);
+      load8(M + i, m);
+      load8(V + i, v);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) adamw_element(p[k], g[k], m[k], v[k], h);
-      store_vec<T, kVec>(P + i, p);
-      store_vec<float, 4>(M + i, *reinterpret_cast<float(*)[4]>(m));
-      store_vec<float, 4>(M + i + 4, *reinterpret_cast<float(*)[4]>(m + 4));
-      store_vec<float, 4>(V + i, *reinterpret_cast<float(*)[4]>(v));
-      store_vec<float, 4>(V + i + 4, *reinterpret_cast<float(*)[4]>(v + 4));
+      store8(P + i, p);
+      store8(M + i, m);
+      store8(V + i, v);
     }
     done = n_vec;
   }

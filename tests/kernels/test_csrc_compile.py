@@ -41,20 +41,27 @@ def _digest(paths, extra: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _compile(nvcc: str, cu: str, version: str) -> str:
-    """ptxas log of one .cu (cached); raises AssertionError with nvcc's output on failure."""
+def _compile(nvcc: str, cu: str, version: str) -> tuple[str, str]:
+    """(ptxas log, PTX) of one .cu (cached); raises AssertionError with nvcc's output on failure."""
     sources = [CSRC / cu] + list((CSRC / "common").glob("*")) + list((CSRC / Path(cu).parent).glob("*.h"))
     key = _digest(sources, " ".join([version, *ARCH, *FLAGS]))
     out_dir = BUILD / key
     log = out_dir / (Path(cu).stem + ".ptxas.log")
-    if log.exists():
-        return log.read_text()
+    ptx_path = out_dir / (Path(cu).stem + ".ptx")
+    if log.exists() and ptx_path.exists():
+        return log.read_text(), ptx_path.read_text()
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [nvcc, *ARCH, *FLAGS, "-c", str(CSRC / cu), "-o", str(out_dir / (Path(cu).stem + ".o"))]
+    keep = out_dir / (Path(cu).stem + ".keep")  # -keep leaves the PTX there: the vector-width check reads it
+    keep.mkdir(exist_ok=True)
+    cmd = [nvcc, *ARCH, *FLAGS, "-keep", f"--keep-dir={keep}", "-c", str(CSRC / cu),
+           "-o", str(out_dir / (Path(cu).stem + ".o"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"nvcc failed on {cu}:\n{proc.stdout}\n{proc.stderr}"
-    log.write_text(proc.stderr + proc.stdout)  # ptxas -v reports on stderr
-    return log.read_text()
+    ptx = sorted(keep.glob("*.ptx"))
+    ptx_path.write_text(ptx[0].read_text() if ptx else "")
+    shutil.rmtree(keep, ignore_errors=True)
+    log.write_text(proc.stderr + proc.stdout)  # ptxas -v reports on stderr; written last: marks the cache entry
+    return log.read_text(), ptx_path.read_text()
 
 
 def _demangle(names: list[str]) -> list[str]:
@@ -82,20 +89,25 @@ def parse_ptxas(log: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ptxas_rows():
+def compiled():
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH); CUDA sources not compile-checked")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     with concurrent.futures.ThreadPoolExecutor(len(CU_FILES)) as pool:
-        logs = dict(zip(CU_FILES, pool.map(lambda cu: _compile(nvcc, cu, version), CU_FILES)))
-    rows = [dict(row, file=cu) for cu, log in logs.items() for row in parse_ptxas(log)]
+        outputs = dict(zip(CU_FILES, pool.map(lambda cu: _compile(nvcc, cu, version), CU_FILES)))
+    rows = [dict(row, file=cu) for cu, (log, _) in outputs.items() for row in parse_ptxas(log)]
     table = [f"{'regs':>4} {'spill st/ld':>11} {'stack':>5}  kernel (sm_90a)"]
     for r in rows:
         short = re.sub(r"megatrain::\w+::\(anonymous namespace\)::", "", r["name"])[:110]
         table.append(f"{r['registers']:>4} {r['spill_stores']:>5}/{r['spill_loads']:<5} {r['stack']:>5}  {short}")
     print("\n".join(table), file=sys.stderr)
-    return rows
+    return {"rows": rows, "ptx": {cu: ptx for cu, (_, ptx) in outputs.items()}}
+
+
+@pytest.fixture(scope="module")
+def ptxas_rows(compiled):
+    return compiled["rows"]
 
 
 def test_cuda_sources_compile_for_sm90a(ptxas_rows):
@@ -117,6 +129,15 @@ def test_row_kernels_fit_1024_threads(ptxas_rows):
     assert block_rows, "no block-per-row kernels found"
     over = [r["name"] for r in block_rows if r["registers"] > 64]
     assert not over, f"row kernels over 64 registers cannot launch 1024 threads: {over}"
+
+
+def test_hot_loops_use_16_byte_accesses(compiled):
+    for cu in CU_FILES:
+        ptx = compiled["ptx"][cu]
+        assert ptx, f"no PTX kept for {cu}"
+        loads = len(re.findall(r"ld\.global(?:\.nc)?\.v4\.(?:f32|u32|b32)", ptx))
+        stores = len(re.findall(r"st\.global\.v4\.(?:f32|u32|b32)", ptx))
+        assert loads and stores, f"{cu}: no 16-byte (v4) global loads/stores in the PTX"
 
 
 @pytest.mark.slow
