@@ -67,31 +67,83 @@ void scalar_range(const Slot& s, int64_t b, int64_t e, const Hyper& h) {
 }
 
 #ifdef MT_X86
-// ---- AVX2 + FMA: 8 lanes ----
-__attribute__((target("avx2,fma"))) inline void avx2_8(float* P, const float* G, float* M, float* V, uint16_t* O,
-                                                       const Hyper& h) {
-  const __m256 g = _mm256_loadu_ps(G);
-  const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(P), _mm256_set1_ps(h.decay));
-  const __m256 m0 = _mm256_loadu_ps(M);
-  const __m256 m = _mm256_fmadd_ps(_mm256_set1_ps(h.one_minus_b1), _mm256_sub_ps(g, m0), m0);
-  const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(V), _mm256_set1_ps(h.beta2)),
-                                 _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(h.one_minus_b2), g), g));
-  const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), _mm256_set1_ps(h.bc2_sqrt)),
-                                     _mm256_set1_ps(h.eps));
-  const __m256 p_new = _mm256_fmadd_ps(_mm256_set1_ps(h.neg_step_size), _mm256_div_ps(m, denom), p);
-  _mm256_storeu_ps(P, p_new);
-  _mm256_storeu_ps(M, m);
-  _mm256_storeu_ps(V, v);
-  if (O) {
-    const __m256i u = _mm256_castps_si256(p_new);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-    const __m256 nan = _mm256_cmp_ps(p_new, p_new, _CMP_UNORD_Q);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
-    // values are <= 0xFFFF, so the unsigned-saturating pack is an exact narrowing
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(O), packed);
+// The tail (< W elements) goes through the same vector code on a zero-padded copy, so an element
+// gets identical bits whether it lands in a body or a tail (threaded == single-thread).
+template <int W>
+struct Tail {
+  alignas(64) float p[W] = {}, g[W] = {}, m[W] = {}, v[W] = {};
+  alignas(64) uint16_t o[W] = {};
+  void load(const Slot& s, int64_t i, int64_t n) {
+    std::memcpy(p, s.param + i, n * sizeof(float));
+    std::memcpy(g, s.grad + i, n * sizeof(float));
+    std::memcpy(m, s.exp_avg + i, n * sizeof(float));
+    std::memcpy(v, s.exp_avg_sq + i, n * sizeof(float));
   }
+  void store(const Slot& s, int64_t i, int64_t n) const {
+    std::memcpy(s.param + i, p, n * sizeof(float));
+    std::memcpy(s.exp_avg + i, m, n * sizeof(float));
+    std::memcpy(s.exp_avg_sq + i, v, n * sizeof(float));
+    if (s.bf16_out) std::memcpy(s.bf16_out + i, o, n * sizeof(uint16_t));
+  }
+};
+
+// Each ISA is a struct whose members carry its target attribute: the per-vector step inlines into
+// the loop (a plain template over a target-attributed op would stay an out-of-line call per vector)
+// and the broadcast constants are built once per range.
+
+// ---- AVX2 + FMA: 8 lanes ----
+#define MT_AVX2 __attribute__((target("avx2,fma")))
+struct Avx2 {
+  static constexpr int W = 8;
+  __m256 decay, w1, b2, w2, bc2, eps, nstep;
+  MT_AVX2 explicit Avx2(const Hyper& h)
+      : decay(_mm256_set1_ps(h.decay)), w1(_mm256_set1_ps(h.one_minus_b1)), b2(_mm256_set1_ps(h.beta2)),
+        w2(_mm256_set1_ps(h.one_minus_b2)), bc2(_mm256_set1_ps(h.bc2_sqrt)), eps(_mm256_set1_ps(h.eps)),
+        nstep(_mm256_set1_ps(h.neg_step_size)) {}
+
+  template <bool kCopy>
+  MT_AVX2 __attribute__((always_inline)) inline void step(float* P, const float* G, float* M, float* V,
+                                                          uint16_t* O) const {
+    const __m256 g = _mm256_loadu_ps(G);
+    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(P), decay);
+    const __m256 m0 = _mm256_loadu_ps(M);
+    const __m256 m = _mm256_fmadd_ps(w1, _mm256_sub_ps(g, m0), m0);
+    const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(V), b2), _mm256_mul_ps(_mm256_mul_ps(w2, g), g));
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2), eps);
+    const __m256 p_new = _mm256_fmadd_ps(nstep, _mm256_div_ps(m, denom), p);
+    _mm256_storeu_ps(P, p_new);
+    _mm256_storeu_ps(M, m);
+    _mm256_storeu_ps(V, v);
+    if constexpr (kCopy) {
+      const __m256i u = _mm256_castps_si256(p_new);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+      const __m256 nan = _mm256_cmp_ps(p_new, p_new, _CMP_UNORD_Q);
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+      // values are <= 0xFFFF, so the unsigned-saturating pack is an exact narrowing
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(O), packed);
+    }
+  }
+
+  template <bool kCopy>
+  MT_AVX2 void range(const Slot& s, int64_t b, int64_t e) const {
+    int64_t i = b;
+    for (; i + W <= e; i += W)
+      step<kCopy>(s.param + i, s.grad + i, s.exp_avg + i, s.exp_avg_sq + i, kCopy ? s.bf16_out + i : nullptr);
+    if (i < e) {
+      Tail<W> t;
+      t.load(s, i, e - i);
+      step<kCopy>(t.p, t.g, t.m, t.v, t.o);
+      t.store(s, i, e - i);
+    }
+  }
+};
+
+MT_AVX2 void avx2_range(const Slot& s, int64_t b, int64_t e, const Hyper& h) {
+  const Avx2 isa(h);
+  if (s.bf16_out) isa.range<true>(s, b, e);
+  else isa.range<false>(s, b, e);
 }
 
 // ---- AVX-512F: 16 lanes ----
@@ -99,59 +151,58 @@ __attribute__((target("avx2,fma"))) inline void avx2_8(float* P, const float* G,
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f"))) inline void avx512_16(float* P, const float* G, float* M, float* V, uint16_t* O,
-                                                         const Hyper& h) {
-  const __m512 g = _mm512_loadu_ps(G);
-  const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(P), _mm512_set1_ps(h.decay));
-  const __m512 m0 = _mm512_loadu_ps(M);
-  const __m512 m = _mm512_fmadd_ps(_mm512_set1_ps(h.one_minus_b1), _mm512_sub_ps(g, m0), m0);
-  const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(V), _mm512_set1_ps(h.beta2)),
-                                 _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(h.one_minus_b2), g), g));
-  const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), _mm512_set1_ps(h.bc2_sqrt)),
-                                     _mm512_set1_ps(h.eps));
-  const __m512 p_new = _mm512_fmadd_ps(_mm512_set1_ps(h.neg_step_size), _mm512_div_ps(m, denom), p);
-  _mm512_storeu_ps(P, p_new);
-  _mm512_storeu_ps(M, m);
-  _mm512_storeu_ps(V, v);
-  if (O) {
-    const __m512i u = _mm512_castps_si512(p_new);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(p_new, p_new, _CMP_UNORD_Q);
-    r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(O), _mm512_cvtepi32_epi16(r));
+#define MT_AVX512 __attribute__((target("avx512f")))
+struct Avx512 {
+  static constexpr int W = 16;
+  __m512 decay, w1, b2, w2, bc2, eps, nstep;
+  MT_AVX512 explicit Avx512(const Hyper& h)
+      : decay(_mm512_set1_ps(h.decay)), w1(_mm512_set1_ps(h.one_minus_b1)), b2(_mm512_set1_ps(h.beta2)),
+        w2(_mm512_set1_ps(h.one_minus_b2)), bc2(_mm512_set1_ps(h.bc2_sqrt)), eps(_mm512_set1_ps(h.eps)),
+        nstep(_mm512_set1_ps(h.neg_step_size)) {}
+
+  template <bool kCopy>
+  MT_AVX512 __attribute__((always_inline)) inline void step(float* P, const float* G, float* M, float* V,
+                                                            uint16_t* O) const {
+    const __m512 g = _mm512_loadu_ps(G);
+    const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(P), decay);
+    const __m512 m0 = _mm512_loadu_ps(M);
+    const __m512 m = _mm512_fmadd_ps(w1, _mm512_sub_ps(g, m0), m0);
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(V), b2), _mm512_mul_ps(_mm512_mul_ps(w2, g), g));
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2), eps);
+    const __m512 p_new = _mm512_fmadd_ps(nstep, _mm512_div_ps(m, denom), p);
+    _mm512_storeu_ps(P, p_new);
+    _mm512_storeu_ps(M, m);
+    _mm512_storeu_ps(V, v);
+    if constexpr (kCopy) {
+      const __m512i u = _mm512_castps_si512(p_new);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+      const __mmask16 nan = _mm512_cmp_ps_mask(p_new, p_new, _CMP_UNORD_Q);
+      r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));  // mask set: take 0x7FC0
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(O), _mm512_cvtepi32_epi16(r));  // exact: r <= 0xFFFF
+    }
   }
+
+  template <bool kCopy>
+  MT_AVX512 void range(const Slot& s, int64_t b, int64_t e) const {
+    int64_t i = b;
+    for (; i + W <= e; i += W)
+      step<kCopy>(s.param + i, s.grad + i, s.exp_avg + i, s.exp_avg_sq + i, kCopy ? s.bf16_out + i : nullptr);
+    if (i < e) {
+      Tail<W> t;
+      t.load(s, i, e - i);
+      step<kCopy>(t.p, t.g, t.m, t.v, t.o);
+      t.store(s, i, e - i);
+    }
+  }
+};
+
+MT_AVX512 void avx512_range(const Slot& s, int64_t b, int64_t e, const Hyper& h) {
+  const Avx512 isa(h);
+  if (s.bf16_out) isa.range<true>(s, b, e);
+  else isa.range<false>(s, b, e);
 }
 #pragma GCC diagnostic pop
-
-// The tail (< W elements) goes through the same vector code on a zero-padded copy, so an element
-// gets identical bits whether it lands in a body or a tail (threaded == single-thread).
-template <int W, void (*Op)(float*, const float*, float*, float*, uint16_t*, const Hyper&)>
-inline void vector_range(const Slot& s, int64_t b, int64_t e, const Hyper& h) {
-  int64_t i = b;
-  for (; i + W <= e; i += W)
-    Op(s.param + i, s.grad + i, s.exp_avg + i, s.exp_avg_sq + i, s.bf16_out ? s.bf16_out + i : nullptr, h);
-  const int64_t n = e - i;
-  if (n == 0) return;
-  alignas(64) float p[W] = {}, g[W] = {}, m[W] = {}, v[W] = {};
-  alignas(64) uint16_t o[W] = {};
-  std::memcpy(p, s.param + i, n * sizeof(float));
-  std::memcpy(g, s.grad + i, n * sizeof(float));
-  std::memcpy(m, s.exp_avg + i, n * sizeof(float));
-  std::memcpy(v, s.exp_avg_sq + i, n * sizeof(float));
-  Op(p, g, m, v, s.bf16_out ? o : nullptr, h);
-  std::memcpy(s.param + i, p, n * sizeof(float));
-  std::memcpy(s.exp_avg + i, m, n * sizeof(float));
-  std::memcpy(s.exp_avg_sq + i, v, n * sizeof(float));
-  if (s.bf16_out) std::memcpy(s.bf16_out + i, o, n * sizeof(uint16_t));
-}
-
-__attribute__((target("avx2,fma"))) void avx2_range(const Slot& s, int64_t b, int64_t e, const Hyper& h) {
-  vector_range<8, avx2_8>(s, b, e, h);
-}
-__attribute__((target("avx512f"))) void avx512_range(const Slot& s, int64_t b, int64_t e, const Hyper& h) {
-  vector_range<16, avx512_16>(s, b, e, h);
-}
 #endif  // MT_X86
 
 using RangeFn = void (*)(const Slot&, int64_t, int64_t, const Hyper&);
