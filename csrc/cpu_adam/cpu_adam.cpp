@@ -3,7 +3,8 @@
 // __builtin_cpu_supports, so one binary runs on any x86-64 host; OpenMP threads over fixed chunks.
 //
 // The step is memory-bound (28 B/param: read p, g, m, v; write p, m, v), so the code keeps to one
-// pass over each array and leaves the rest to the hardware prefetcher (4-5 sequential streams).
+// pass over each array and leaves the rest to the hardware prefetcher (4-5 sequential streams;
+// software prefetch 256 B or 1 KiB ahead measured no gain on the CI's AMD EPYC).
 // The per-element sequence follows torch.optim.AdamW's single-tensor path, operation for operation:
 //   p *= 1 - lr*wd;  m = lerp(m, g, 1-b1);  v = v*b2 + (1-b2)*g*g;
 //   p += -lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)

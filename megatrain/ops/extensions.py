@@ -178,14 +178,20 @@ def _jit_build(name: str, build_dir: Path) -> str:
     return lib
 
 
-def _find_lib(name: str) -> tuple[str | None, str]:
-    """A library already on disk: (path, how) or (None, "")."""
+def _prebuilt(name: str) -> str | None:
+    """Path of the library setup.py built into the package, if any."""
     try:
         found = importlib.util.find_spec(SPEC.module_name(name))
     except (ImportError, ValueError):
-        found = None
-    if found is not None and found.origin and os.path.exists(found.origin):
-        return found.origin, "prebuilt"
+        return None
+    return found.origin if found is not None and found.origin and os.path.exists(found.origin) else None
+
+
+def _find_lib(name: str) -> tuple[str | None, str]:
+    """A library already on disk: (path, how) or (None, "")."""
+    lib = _prebuilt(name)
+    if lib is not None:
+        return lib, "prebuilt"
     build_dir = _build_dir(name)
     libs = sorted(build_dir.glob("megatrain_*.so")) if build_dir.exists() else []
     if libs:
@@ -204,16 +210,27 @@ def load(name: str, *, build: bool = True) -> bool:
         try:
             if status.kind == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("no CUDA device")
-            lib, how = _find_lib(name)
+            lib, how = _prebuilt(name), "prebuilt"
+            if lib is not None:
+                try:
+                    torch.ops.load_library(lib)
+                except OSError as exc:  # built against another torch: an ABI mismatch, not a dead end
+                    _say(f"prebuilt '{name}' does not load ({str(exc)[:160]}); trying a JIT build")
+                    lib = None
             if lib is None:
-                if not build:
+                build_dir = _build_dir(name)
+                libs = sorted(build_dir.glob("megatrain_*.so")) if build_dir.exists() else []
+                if libs:
+                    lib, how = str(libs[-1]), "jit (cached)"
+                elif not build:
                     return False
-                reason = why_not_buildable(name)
-                if reason is not None:
-                    raise RuntimeError(f"not built and cannot JIT-build: {reason}")
-                lib = _jit_build(name, _build_dir(name))
-                how = status.how
-            torch.ops.load_library(lib)
+                else:
+                    reason = why_not_buildable(name)
+                    if reason is not None:
+                        raise RuntimeError(f"not built and cannot JIT-build: {reason}")
+                    lib = _jit_build(name, build_dir)
+                    how = status.how
+                torch.ops.load_library(lib)
             getattr(torch.ops, _info(name)["namespace"])
         except Exception as exc:  # noqa: BLE001  (a build can fail in many ways; the fallback covers all)
             status.state, status.detail = "unavailable", str(exc)
