@@ -1,0 +1,40 @@
+"""Full (unsharded) tensors of a tensor-parallel model: the inverse of the TP transform's slicing.
+
+Used to hand a model trained under any tp layout back to the pruning surgery and to the exporters, which work
+on plain tensors. Collective over the tp group: every rank calls it and every rank gets the full state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatrain.dist.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+
+def _gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module, *, vocab_size: int) -> dict[str, torch.Tensor]:
+    """name -> full CPU fp32 tensor for a plain or tensor-parallel Transformer (pp=1, ZeRO ≤ 2)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, ColumnParallelLinear):
+            out[prefix + "weight"] = _gather(mod.weight, mod.group, 0)[:vocab_size if "lm_head" in name else None]
+            if mod.bias is not None:
+                out[prefix + "bias"] = _gather(mod.bias, mod.group, 0)
+        elif isinstance(mod, RowParallelLinear):
+            out[prefix + "weight"] = _gather(mod.weight, mod.group, 1)
+            if mod.bias is not None:
+                out[prefix + "bias"] = mod.bias.detach()
+        elif isinstance(mod, VocabParallelEmbedding):
+            out[prefix + "weight"] = _gather(mod.weight, mod.group, 0)[:vocab_size]
+        else:
+            for pname, p in mod.named_parameters(recurse=False):
+                out[prefix + pname] = p.detach()
+    return {k: v.float().cpu().clone() for k, v in out.items()}

@@ -1,0 +1,123 @@
+"""Read a model (config + full tensors) from any source the passes accept, and write pruned models.
+
+Sources, tried in this order:
+  - a compressed-model dir written by ``save_model`` (model.safetensors + config.yaml);
+  - a local Hugging Face dir (config.json + *.safetensors), through megatrain.interop.hf_maps;
+  - a megatrain checkpoint: a layout-free one (manifest.json) through megatrain.checkpoint.layout_free, an
+    older DeepSpeed one from its tp=1 ``mp_rank_00_model_states.pt`` read with ``weights_only=True``.
+A run dir (holding checkpoints/), a checkpoints dir (holding ``latest``) and one step dir are all accepted.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+import yaml
+
+from megatrain.config.schema import ModelConfig
+
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
+
+
+def save_model(out_dir: str, model: torch.nn.Module, model_cfg: ModelConfig, *, extra: dict | None = None) -> str:
+    """Write ``model`` (plain, unsharded) as safetensors + the model section as YAML; returns out_dir."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model_cfg.tied:  # safetensors refuses shared storage; the tie is restored from the config on load
+        state.pop("head.lm_head.weight", None)
+    tmp = os.path.join(out_dir, f".{MODEL_FILE}.tmp")
+    save_file(state, tmp)
+    os.replace(tmp, os.path.join(out_dir, MODEL_FILE))
+    doc = {"model": model_cfg.model_dump(mode="json"), **(extra or {})}
+    atomic_write_text(os.path.join(out_dir, CONFIG_FILE), yaml.safe_dump(doc, sort_keys=False))
+    return out_dir
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _step_dir(path: str) -> str | None:
+    """The checkpoint step dir a run dir / checkpoints dir / step dir points at, or None."""
+    for cand in (path, os.path.join(path, "checkpoints")):
+        if any(os.path.isfile(os.path.join(cand, f)) for f in ("megatrain.json", "manifest.json")):
+            return cand
+        if os.path.isfile(os.path.join(cand, "latest")):
+            with open(os.path.join(cand, "latest"), encoding="utf-8") as f:
+                return os.path.join(cand, f.read().strip())
+    return None
+
+
+def _from_deepspeed(step_dir: str) -> tuple[ModelConfig, dict]:
+    with open(os.path.join(step_dir, "megatrain.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    model_cfg = ModelConfig(**meta["config"]["model"])
+    files = sorted(glob.glob(os.path.join(step_dir, "mp_rank_*_model_states.pt")))
+    if len(files) != 1:
+        raise ValueError(f"{step_dir}: {len(files)} model-state files (a tp/pp>1 DeepSpeed checkpoint); these passes "
+                         "read tp=1 pp=1 checkpoints until the layout-free loader lands; re-save with tp=1")
+    state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    if not state:
+        raise ValueError(f"{step_dir}: no module weights in the DeepSpeed checkpoint (ZeRO-3 partitions them); "
+                         "save with parallel.zero_stage<=2 or convert with zero_to_fp32")
+    return model_cfg, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _from_hf(path: str) -> tuple[ModelConfig, dict]:
+    from safetensors.torch import load_file
+
+    from megatrain.interop.hf_maps import from_hf_state, model_fields_from_hf
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        model_cfg = ModelConfig(**model_fields_from_hf(json.load(f)))
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{path}: Hugging Face dir without *.safetensors; save it with safe_serialization=True")
+    hf_state: dict = {}
+    for f in files:
+        hf_state.update(load_file(f))
+    return model_cfg, from_hf_state({k: v.float() for k, v in hf_state.items()}, model_cfg)
+
+
+def load_model_state(path: str) -> tuple[ModelConfig, dict]:
+    """(model config, full state dict) from any accepted source; a one-line ValueError otherwise."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such directory; pass a run/checkpoint dir, a pruned model dir or an HF dir")
+    if os.path.isfile(os.path.join(path, MODEL_FILE)) and os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        from safetensors.torch import load_file
+        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+            model_cfg = ModelConfig(**yaml.safe_load(f)["model"])
+        state = load_file(os.path.join(path, MODEL_FILE))
+        if model_cfg.tied:
+            state["head.lm_head.weight"] = state["embed.wte.weight"]
+        return model_cfg, state
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return _from_hf(path)
+    step = _step_dir(path)
+    if step is None:
+        raise ValueError(f"{path}: not a model (no model.safetensors+config.yaml, config.json or a checkpoint); "
+                         "pass a run/checkpoint dir, a pruned model dir or an HF dir")
+    if os.path.isfile(os.path.join(step, "manifest.json")):  # layout-free checkpoint: any saved layout
+        from megatrain.checkpoint.layout_free import load_model_state as layout_free
+        cfg, state = layout_free(step)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        if cfg.model.tied:
+            state.setdefault("head.lm_head.weight", state["embed.wte.weight"])
+        return cfg.model, state
+    return _from_deepspeed(step)
+
+
+def load_model(path: str, *, seed: int = 0) -> tuple[torch.nn.Module, ModelConfig]:
+    """A plain Transformer with the weights from ``path`` (strict: every tensor must match the config)."""
+    from megatrain.models.transformer import build_transformer
+    model_cfg, state = load_model_state(path)
+    model = build_transformer(model_cfg, seed=seed)
+    model.load_state_dict(state, strict=True)
+    return model, model_cfg
