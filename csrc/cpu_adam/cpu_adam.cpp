@@ -5,10 +5,12 @@
 // The step is memory-bound (28 B/param: read p, g, m, v; write p, m, v), so the code keeps to one
 // pass over each array and leaves the rest to the hardware prefetcher (4-5 sequential streams;
 // software prefetch 256 B or 1 KiB ahead measured no gain on the CI's AMD EPYC).
-// The per-element sequence follows torch.optim.AdamW's single-tensor path, operation for operation:
+// The per-element sequence follows torch.optim.AdamW's single-tensor path:
 //   p *= 1 - lr*wd;  m = lerp(m, g, 1-b1);  v = v*b2 + (1-b2)*g*g;
-//   p += -lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
-// so results agree with it to an ulp or two per step (tests/kernels/test_cpu_adam.py).
+//   p += -lr/bc1 * m / (sqrt(v) * (1/sqrt(bc2)) + eps)
+// m to the bit, v and p to an ulp or two per step (tests/kernels/test_cpu_adam.py). The one change,
+// a multiply by 1/sqrt(bc2) where torch divides, frees the divider, which bounds the loop once the
+// data sits in cache: 58 -> 70 GB/s on a 32k-element (L2-resident) step, one core.
 #include "cpu_adam.h"
 
 #include <algorithm>
@@ -58,7 +60,7 @@ void scalar_range(const Slot& s, int64_t b, int64_t e, const Hyper& h) {
     const float p = s.param[i] * h.decay;
     const float m = std::fma(h.one_minus_b1, g - s.exp_avg[i], s.exp_avg[i]);
     const float v = s.exp_avg_sq[i] * h.beta2 + (h.one_minus_b2 * g) * g;  // -ffp-contract=off keeps 2 roundings
-    const float denom = std::sqrt(v) / h.bc2_sqrt + h.eps;
+    const float denom = std::sqrt(v) * h.inv_bc2_sqrt + h.eps;
     const float p_new = std::fma(h.neg_step_size, m / denom, p);
     s.param[i] = p_new;
     s.exp_avg[i] = m;
@@ -96,10 +98,10 @@ struct Tail {
 #define MT_AVX2 __attribute__((target("avx2,fma")))
 struct Avx2 {
   static constexpr int W = 8;
-  __m256 decay, w1, b2, w2, bc2, eps, nstep;
+  __m256 decay, w1, b2, w2, inv_bc2, eps, nstep;
   MT_AVX2 explicit Avx2(const Hyper& h)
       : decay(_mm256_set1_ps(h.decay)), w1(_mm256_set1_ps(h.one_minus_b1)), b2(_mm256_set1_ps(h.beta2)),
-        w2(_mm256_set1_ps(h.one_minus_b2)), bc2(_mm256_set1_ps(h.bc2_sqrt)), eps(_mm256_set1_ps(h.eps)),
+        w2(_mm256_set1_ps(h.one_minus_b2)), inv_bc2(_mm256_set1_ps(h.inv_bc2_sqrt)), eps(_mm256_set1_ps(h.eps)),
         nstep(_mm256_set1_ps(h.neg_step_size)) {}
 
   template <bool kCopy>
@@ -110,7 +112,7 @@ struct Avx2 {
     const __m256 m0 = _mm256_loadu_ps(M);
     const __m256 m = _mm256_fmadd_ps(w1, _mm256_sub_ps(g, m0), m0);
     const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(V), b2), _mm256_mul_ps(_mm256_mul_ps(w2, g), g));
-    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2), eps);
+    const __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), inv_bc2), eps);
     const __m256 p_new = _mm256_fmadd_ps(nstep, _mm256_div_ps(m, denom), p);
     _mm256_storeu_ps(P, p_new);
     _mm256_storeu_ps(M, m);
@@ -155,10 +157,10 @@ MT_AVX2 void avx2_range(const Slot& s, int64_t b, int64_t e, const Hyper& h) {
 #define MT_AVX512 __attribute__((target("avx512f")))
 struct Avx512 {
   static constexpr int W = 16;
-  __m512 decay, w1, b2, w2, bc2, eps, nstep;
+  __m512 decay, w1, b2, w2, inv_bc2, eps, nstep;
   MT_AVX512 explicit Avx512(const Hyper& h)
       : decay(_mm512_set1_ps(h.decay)), w1(_mm512_set1_ps(h.one_minus_b1)), b2(_mm512_set1_ps(h.beta2)),
-        w2(_mm512_set1_ps(h.one_minus_b2)), bc2(_mm512_set1_ps(h.bc2_sqrt)), eps(_mm512_set1_ps(h.eps)),
+        w2(_mm512_set1_ps(h.one_minus_b2)), inv_bc2(_mm512_set1_ps(h.inv_bc2_sqrt)), eps(_mm512_set1_ps(h.eps)),
         nstep(_mm512_set1_ps(h.neg_step_size)) {}
 
   template <bool kCopy>
@@ -169,7 +171,7 @@ struct Avx512 {
     const __m512 m0 = _mm512_loadu_ps(M);
     const __m512 m = _mm512_fmadd_ps(w1, _mm512_sub_ps(g, m0), m0);
     const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(V), b2), _mm512_mul_ps(_mm512_mul_ps(w2, g), g));
-    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2), eps);
+    const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), inv_bc2), eps);
     const __m512 p_new = _mm512_fmadd_ps(nstep, _mm512_div_ps(m, denom), p);
     _mm512_storeu_ps(P, p_new);
     _mm512_storeu_ps(M, m);
@@ -229,7 +231,7 @@ Hyper make_hyper(double lr, double beta1, double beta2, double eps, double weigh
   h.one_minus_b1 = static_cast<float>(1.0 - beta1);
   h.beta2 = static_cast<float>(beta2);
   h.one_minus_b2 = static_cast<float>(1.0 - beta2);
-  h.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  h.inv_bc2_sqrt = static_cast<float>(1.0 / std::sqrt(bc2));
   h.eps = static_cast<float>(eps);
   h.neg_step_size = static_cast<float>(-lr / bc1);
   return h;
