@@ -1,0 +1,189 @@
+"""The prune and distill passes as launch/ runs them: load → (score → prune → fine-tune)×n → save → table.
+
+Both run on every rank of a launch (deepspeed / torchrun / python) under the layout of ``parallel``:
+importance is computed on the model sharded by ``parallelize`` exactly as training shards it, fine-tuning and
+distillation run under the normal Trainer, and the full tensors are gathered back after training. Every rank
+holds the plain pruned model between steps (the surgery is cheap and identical everywhere); rank 0 writes.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatrain.compress.distill import DistillationTask, student_state
+from megatrain.compress.gather import full_state_dict
+from megatrain.compress.importance import compute_scores
+from megatrain.compress.io import load_model, save_model
+from megatrain.compress.prune import Sizes, prune_model, step_sizes, target_sizes
+from megatrain.compress.report import measure, write_table
+from megatrain.config import build_config, resolve_layout
+from megatrain.config.schema import Config, ModelConfig
+from megatrain.models.transformer import build_transformer
+from megatrain.train.lm_task import LanguageModelingTask
+
+
+def with_fields(cfg: Config, **dotted) -> Config:
+    """A validated copy of ``cfg`` with ``section__field=value`` (or model=ModelConfig) replaced."""
+    tree = cfg.model_dump(mode="json")
+    for key, value in dotted.items():
+        if key == "model":
+            tree["model"] = value.model_dump(mode="json")
+            continue
+        section, field = key.split("__")
+        tree[section][field] = value
+    return build_config(tree)
+
+
+class GivenModelTask:
+    """A task whose model is an already built (pruned) plain model; data and loss from the wrapped task."""
+
+    def __init__(self, inner, model: torch.nn.Module):
+        self.inner, self.model = inner, model
+
+    def build_model(self):
+        return copy.deepcopy(self.model)  # parallelize shards in place; keep ours plain
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _setup(cfg: Config, local_rank):
+    from megatrain.dist.dims import build_parallel_dims
+    from megatrain.dist.env import init_distributed
+    resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # a bad layout fails before any group exists
+    _, world, _ = init_distributed(local_rank)
+    lay = resolve_layout(cfg, world)
+    if lay.pp > 1:
+        raise ValueError("prune/distill with parallel.pp>1 is not supported; use tp and ZeRO (train the result "
+                         "with pp afterwards)")
+    if cfg.parallel.zero_stage == 3:
+        raise ValueError("prune/distill gather full weights after training; use parallel.zero_stage<=2")
+    return lay, build_parallel_dims(tp=lay.tp, pp=1, dp=lay.dp)
+
+
+def _source_model(cfg: Config, path: str | None, field: str) -> tuple[torch.nn.Module, ModelConfig]:
+    if not path:
+        return build_transformer(cfg.model, seed=cfg.train.seed), cfg.model
+    model, model_cfg = load_model(path)
+    if model_cfg.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"{field}={path} has vocab_size={model_cfg.vocab_size} but data.path's tokenizer has "
+                         f"{cfg.model.vocab_size}; use the data the model was trained on")
+    return model, model_cfg
+
+
+def _calibration(cfg: Config, lay, dims, dataset) -> list[dict]:
+    from megatrain.data.sampler import GlobalBatchSampler, rank_slice
+    from megatrain.dist.env import device
+    sampler = GlobalBatchSampler(len(dataset), cfg.train.global_batch_size, cfg.train.seed)
+    out, step = [], 0
+    while len(out) < cfg.prune.calib_batches:
+        indices = sampler.indices_for_step(step)
+        for micro in range(lay.grad_accum):
+            idx = rank_slice(indices, dp_rank=dims.dp_rank, dp_size=dims.dp, micro_batch_size=lay.micro_batch_size,
+                             micro_step=micro)
+            batch = torch.utils.data.default_collate([dataset[i] for i in idx])
+            out.append({k: v.to(device()) for k, v in batch.items()})
+        step += 1
+    return out[:cfg.prune.calib_batches]
+
+
+def _scores(model, cfg: Config, dims, batches):
+    """Importance on the model sharded like training shards it; gathered so every rank has all units."""
+    from megatrain.dist.env import device
+    from megatrain.parallelize import parallelize
+    sharded = parallelize(copy.deepcopy(model), cfg, dims, device=device()).to(device())
+    task = LanguageModelingTask(cfg)
+    task.configure_parallel(dims)
+    tp_group = dims.tp_group if dims.tp > 1 else None
+    dp_group = dims.dp_group if dims.dp > 1 else None
+    return compute_scores(cfg.prune.importance, sharded, batches, lambda m, b: task.loss_and_stats(m, b)[0],
+                          tp_group=tp_group, dp_group=dp_group, sequence_parallel=cfg.parallel.sequence_parallel)
+
+
+def _train(cfg: Config, task, model_cfg: ModelConfig, log_dir: str, steps: int) -> torch.nn.Module:
+    """Run the normal Trainer for ``steps`` and return the plain model with the trained full weights."""
+    from megatrain.train.trainer import Trainer
+    run_cfg = with_fields(cfg, train__max_steps=steps, log__dir=log_dir, checkpoint__dir=None,
+                          checkpoint__resume="none", checkpoint__export_hf=None)
+    trainer = Trainer(run_cfg, task)
+    trainer.run()
+    state = full_state_dict(trainer.engine.module, vocab_size=model_cfg.vocab_size)
+    model = build_transformer(model_cfg)
+    if model_cfg.tied:
+        state.setdefault("head.lm_head.weight", state["embed.wte.weight"])
+    model.load_state_dict(student_state_from(state), strict=True)
+    return model
+
+
+def student_state_from(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith("distill_proj.")}
+
+
+def _is_writer() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def run_prune(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
+    """Prune cfg.prune.source (or the config's model) to the target sizes; returns the table rows."""
+    p = cfg.prune
+    lm = LanguageModelingTask(cfg)  # fills model.vocab_size from the data
+    lay, dims = _setup(cfg, local_rank)
+    model, model_cfg = _source_model(cfg, p.source, "prune.source")
+    cfg = with_fields(cfg, model=model_cfg)
+    val, train = lm.val_dataset() or lm.train_dataset(), lm.train_dataset()
+    rows = [measure("original", model, model_cfg, cfg, val)]
+    start, target = Sizes.of(model_cfg), target_sizes(model_cfg, p, tp=lay.tp)
+    steps = p.iterations if p.schedule == "iterative" else 1
+    batches = _calibration(cfg, lay, dims, train) if p.importance in ("taylor", "activation") else []
+    for i in range(1, steps + 1):
+        new = step_sizes(start, target, i, steps, tp=lay.tp)
+        scores = _scores(model, cfg, dims, batches)
+        model, model_cfg = prune_model(model.cpu(), model_cfg, scores, new)
+        cfg = with_fields(cfg, model=model_cfg)
+        if i == steps:
+            rows.append(measure("pruned", model, model_cfg, cfg, val))
+        if p.finetune_steps:
+            log_dir = os.path.join(cfg.log.dir, "prune", f"finetune_{i}")
+            model = _train(cfg, GivenModelTask(LanguageModelingTask(cfg), model.cpu()), model_cfg, log_dir,
+                           p.finetune_steps)
+    if p.finetune_steps:
+        rows.append(measure("pruned + fine-tuned", model, model_cfg, cfg, val))
+    out = p.out or os.path.join(cfg.log.dir, "pruned")
+    if _is_writer():
+        save_model(out, model.cpu(), model_cfg, extra={"pruned_from": p.source, "prune": p.model_dump(mode="json")})
+        print(write_table(rows, out, "prune"), flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return rows
+
+
+def run_distill(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
+    """Distill cfg.distill.teacher into the student (cfg.distill.student or the config's model)."""
+    d = cfg.distill
+    if not d.teacher:
+        raise ValueError("distill.teacher is not set; point it at a megatrain checkpoint, a pruned model dir or a "
+                         "local Hugging Face dir")
+    lm = LanguageModelingTask(cfg)
+    _setup(cfg, local_rank)
+    student, student_cfg = _source_model(cfg, d.student, "distill.student")
+    cfg = with_fields(cfg, model=student_cfg)
+    teacher, teacher_cfg = load_model(d.teacher)
+    val = lm.val_dataset() or lm.train_dataset()
+    rows = [measure("original (teacher)", teacher, teacher_cfg, cfg, val),
+            measure("pruned (student)" if d.student else "student (init)", student, student_cfg, cfg, val)]
+    task = DistillationTask(cfg, teacher=(teacher, teacher_cfg), student=student.cpu())
+    distilled = _train(cfg, task, student_cfg, os.path.join(cfg.log.dir, "distill"), cfg.train.max_steps)
+    rows.append(measure("distilled", distilled, student_cfg, cfg, val))
+    if _is_writer():
+        save_model(os.path.join(cfg.log.dir, "distilled"), distilled.cpu(), student_cfg,
+                   extra={"distilled_from": d.teacher, "student_init": d.student})
+        print(write_table(rows, cfg.log.dir), flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return rows
+
+
+__all__ = ["run_prune", "run_distill", "with_fields", "GivenModelTask", "student_state"]
