@@ -50,31 +50,27 @@ def score(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, *, proper
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str) -> tuple[str, str]:
-    """(checkpoint dir, tag) for a run dir, a checkpoints dir, or a step dir."""
-    from megatrain.train.checkpoint import resolve_resume
-
-    run_ckpts = os.path.join(path, "checkpoints")
-    if os.path.isfile(os.path.join(run_ckpts, "latest")):
-        path = run_ckpts
+def resolve_step_dir(path: str) -> str:
+    """The step directory of a run dir, a checkpoints dir (its ``latest``), or a step dir itself."""
     if not os.path.exists(path):
         raise ValueError(f"checkpoint {path}: no such path; give a run dir, its checkpoints dir or a step_XXXXXXXX dir")
-    where = resolve_resume(path, path)
-    assert where is not None
-    return where
+    for cand in (path, os.path.join(path, "checkpoints")):
+        if any(os.path.isfile(os.path.join(cand, f)) for f in ("manifest.json", "megatrain.json")):
+            return cand
+        latest = os.path.join(cand, "latest")
+        if os.path.isfile(latest):
+            with open(latest, encoding="utf-8") as f:
+                return os.path.join(cand, f.read().strip())
+    raise ValueError(f"checkpoint {path}: no checkpoint in it (no manifest.json or latest); did the run save one "
+                     "(checkpoint.save_final=true)?")
 
 
 def load_member(path: str, *, shared=None):
     """(config, task, model in eval mode on CPU) for one checkpoint. ``shared`` = (data config, loaded pool,
     arch) reuses arrays already in memory when the member was trained on the same data."""
-    from megatrain.config import build_config
     from megatrain.train.tasks import make_task
 
-    ckpt_dir, tag = resolve_checkpoint(path)
-    step_dir = os.path.join(ckpt_dir, tag)
-    with open(os.path.join(step_dir, "megatrain.json"), encoding="utf-8") as f:
-        meta = json.load(f)
-    cfg = build_config(meta["config"])
+    cfg, state = _read_checkpoint(resolve_step_dir(path))
     if cfg.model.task == "classification":
         from megatrain.train.classification_task import ClassificationTask
         same = shared is not None and cfg.data == shared[0] and cfg.model.arch == shared[2]
@@ -82,19 +78,32 @@ def load_member(path: str, *, shared=None):
     else:
         task = make_task(cfg)
     model = task.build_model()
-    model.load_state_dict(_module_state(ckpt_dir, tag, cfg), strict=True)
+    if getattr(model, "tied", False):  # tied LM heads are stored once, under the embedding's name
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and getattr(model, "tied", False))]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); was it written by another megatrain version?")
     return cfg, task, model.eval()
 
 
-def _module_state(ckpt_dir: str, tag: str, cfg) -> dict[str, torch.Tensor]:
-    if cfg.parallel.zero_stage == 3:  # parameters are partitioned across ranks: gather them into one fp32 dict
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    files = sorted(f for f in os.listdir(os.path.join(ckpt_dir, tag)) if f.endswith("model_states.pt"))
-    if not files:
-        raise ValueError(f"checkpoint {os.path.join(ckpt_dir, tag)}: no *model_states.pt; was it saved by megatrain?")
-    state = torch.load(os.path.join(ckpt_dir, tag, files[0]), map_location="cpu", weights_only=False)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+def _read_checkpoint(step_dir: str):
+    """(Config, {name: fp32 tensor}) from a layout-free checkpoint (manifest.json) or the older per-engine
+    DeepSpeed layout (megatrain.json + *model_states.pt)."""
+    from megatrain.config import build_config
+
+    if os.path.isfile(os.path.join(step_dir, "manifest.json")):
+        from megatrain.checkpoint import load_model_state
+        cfg, state = load_model_state(step_dir)
+    else:
+        with open(os.path.join(step_dir, "megatrain.json"), encoding="utf-8") as f:
+            cfg = build_config(json.load(f)["config"])
+        files = sorted(f for f in os.listdir(step_dir) if f.endswith("model_states.pt"))
+        if not files:
+            raise ValueError(f"checkpoint {step_dir}: no model files; was it saved by megatrain?")
+        state = torch.load(os.path.join(step_dir, files[0]), map_location="cpu", weights_only=False)["module"]
+    return cfg, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 # ---- tools ------------------------------------------------------------------------------------------------
