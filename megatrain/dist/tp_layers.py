@@ -24,17 +24,32 @@ def _mark_sharded(p: nn.Parameter) -> nn.Parameter:
     return p
 
 
-def all_reduce_grads_over(params, group) -> None:
-    """Sum the gradients of replicated parameters that see different data on each rank of ``group``
-    (norm weights and row biases under sequence parallelism)."""
-    def hook(g):
-        g = g.clone()
-        dist.all_reduce(g, group=group)
-        return g
+def mark_sequence_parallel_grads(params, group) -> None:
+    """Replicated parameters that see a different sequence shard on each tp rank (norm weights, row
+    biases under sequence parallelism) need their gradients summed over ``group``. Marked here, hooked by
+    :func:`register_sequence_parallel_hooks` once the parameters are real (hooks do not survive
+    replacing a meta parameter)."""
     for p in params:
-        if p is not None and p.requires_grad and not getattr(p, "_sp_grad_hook", False):
-            p.register_hook(hook)
-            p._sp_grad_hook = True
+        if p is not None:
+            p.sp_grad_group = group
+
+
+def register_sequence_parallel_hooks(module: nn.Module) -> int:
+    n = 0
+    for p in module.parameters():
+        group = getattr(p, "sp_grad_group", None)
+        if group is None or not p.requires_grad or getattr(p, "_sp_hooked", False):
+            continue
+
+        def hook(g, group=group):
+            g = g.clone()
+            dist.all_reduce(g, group=group)
+            return g
+
+        p.register_hook(hook)
+        p._sp_hooked = True
+        n += 1
+    return n
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -212,7 +212,12 @@ def init_tensor(name: str, shape: tuple[int, ...], *, seed: int, std: float, num
     return torch.randn(shape, generator=gen) * scale
 
 
-def build_transformer(cfg: ModelConfig, *, seed: int = 0) -> Transformer:
+def build_transformer(cfg: ModelConfig, *, seed: int = 0, meta: bool = False) -> Transformer:
+    """The model initialised from ``seed``; ``meta=True`` builds it without memory (parallelize then
+    materialises only this rank's shard, from the same name-seeded init or a checkpoint)."""
+    if meta:
+        with torch.device("meta"):
+            return Transformer(cfg)
     model = Transformer(cfg)
     init_weights(model, seed=seed, std=cfg.init_std, num_layers=cfg.num_layers)
     return model

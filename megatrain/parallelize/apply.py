@@ -1,22 +1,30 @@
 """The one place where transforms are applied, in the documented order."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from megatrain import ops
+from megatrain.checkpoint.materialize import InitSource, materialize_, placeholders_
+from megatrain.checkpoint.shards import tag_logical_names
 from megatrain.config.schema import Config
+from megatrain.dist.tp_layers import register_sequence_parallel_hooks
 from megatrain.parallelize.activation_checkpointing import apply_activation_checkpointing
 
 
-def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None) -> nn.Module:
-    """Return the model ready for DeepSpeed: kernels chosen, sharded over ``dims``, checkpointed.
+def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None, source=None, device=None) -> nn.Module:
+    """Return the model ready for DeepSpeed: kernels chosen, sharded over ``dims``, checkpointed, real.
 
+    0. every parameter is tagged with its logical (unsharded) name and shape;
     1. kernels: the process-wide op backends from model.kernels / kernel_overrides;
-    2. tensor (+ sequence) parallel over dims.tp_group;
+    2. tensor (+ sequence) parallel over dims.tp_group — on meta tensors when the model was built on meta;
     3. activation checkpointing of the blocks (per block, so it holds inside pipeline stages too);
     4. pipeline split over dims (DeepSpeed PipelineModule, computing ``loss_fn`` on the last stage) when pp > 1;
+    5. materialisation of the parameters this rank keeps, from ``source`` (a checkpoint or Hugging Face
+       directory) or the name-seeded init — one logical tensor at a time;
     ZeRO partitioning over dims.dp_group is DeepSpeed's, at deepspeed.initialize.
     """
+    tag_logical_names(model)
     ops.configure(cfg.model.kernels, cfg.model.kernel_overrides)
     if dims is not None and dims.tp > 1:
         from megatrain.parallelize.tensor_parallel import apply_tensor_parallel
@@ -25,7 +33,16 @@ def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None) -> nn.Modu
     if blocks is not None:
         apply_activation_checkpointing(blocks, mode=cfg.parallel.activation_checkpointing,
                                        every_n=cfg.parallel.checkpoint_every_n)
+    on_meta = any(p.is_meta for p in model.parameters())
     if dims is not None and dims.pp > 1:
         from megatrain.parallelize.pipeline import to_pipeline_module
+        if on_meta:
+            placeholders_(model)  # stages are cut by parameter count; only the kept layers get memory
         model = to_pipeline_module(model, cfg, dims, loss_fn)
+    if on_meta or source is not None:
+        source = source or InitSource(seed=cfg.train.seed, std=cfg.model.init_std, num_layers=cfg.model.num_layers)
+        tp_rank, tp_size = (dims.tp_rank, dims.tp) if dims is not None else (0, 1)
+        materialize_(model, source, tp_rank=tp_rank, tp_size=tp_size, device=device or torch.device("cpu"),
+                     overwrite=source is not None and not on_meta)
+    register_sequence_parallel_hooks(model)
     return model

@@ -13,10 +13,11 @@ import math
 
 from torch import nn
 
+from megatrain.checkpoint.shards import inherit_tags
 from megatrain.config.schema import Config
 from megatrain.dist.collectives import split_to_group
 from megatrain.dist.tp_layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                      all_reduce_grads_over)
+                                      mark_sequence_parallel_grads)
 
 
 def padded_vocab_size(vocab: int, tp: int) -> int:
@@ -32,32 +33,51 @@ def _split_sequence_after_embedding(embed: nn.Module, group) -> None:
     embed.add_positions = add_positions
 
 
+def _column(linear: nn.Linear, *, pad_out_to: int | None = None, **kw) -> ColumnParallelLinear:
+    layer = ColumnParallelLinear.from_linear(linear, pad_out_to=pad_out_to, **kw)
+    inherit_tags(layer.weight, linear.weight, tp_dim=0, tp_padded=pad_out_to)
+    if layer.bias is not None:
+        inherit_tags(layer.bias, linear.bias, tp_dim=0, tp_padded=pad_out_to)
+    return layer
+
+
+def _row(linear: nn.Linear, **kw) -> RowParallelLinear:
+    layer = RowParallelLinear.from_linear(linear, **kw)
+    inherit_tags(layer.weight, linear.weight, tp_dim=1)
+    if layer.bias is not None:
+        inherit_tags(layer.bias, linear.bias, tp_dim=None)
+    return layer
+
+
 def apply_tensor_parallel(model: nn.Module, cfg: Config, dims) -> nn.Module:
+    """Shard ``model`` in place over ``dims.tp_group`` (works on meta tensors: nothing is materialised)."""
     group, sp = dims.tp_group, cfg.parallel.sequence_parallel
     col = dict(group=group, sequence_parallel=sp)
     replicated_seen_by_shard = []  # parameters whose grads must be summed over tp under sp
     for block in model.layers:
         attn, mlp = block.attn, block.mlp
-        attn.q_proj = ColumnParallelLinear.from_linear(attn.q_proj, **col)
-        attn.k_proj = ColumnParallelLinear.from_linear(attn.k_proj, **col)
-        attn.v_proj = ColumnParallelLinear.from_linear(attn.v_proj, **col)
-        attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, **col)
+        attn.q_proj = _column(attn.q_proj, **col)
+        attn.k_proj = _column(attn.k_proj, **col)
+        attn.v_proj = _column(attn.v_proj, **col)
+        attn.o_proj = _row(attn.o_proj, **col)
         if mlp.gate_proj is not None:
-            mlp.gate_proj = ColumnParallelLinear.from_linear(mlp.gate_proj, **col)
-        mlp.up_proj = ColumnParallelLinear.from_linear(mlp.up_proj, **col)
-        mlp.down_proj = RowParallelLinear.from_linear(mlp.down_proj, **col)
+            mlp.gate_proj = _column(mlp.gate_proj, **col)
+        mlp.up_proj = _column(mlp.up_proj, **col)
+        mlp.down_proj = _row(mlp.down_proj, **col)
         replicated_seen_by_shard += [block.attn_norm.weight, block.attn_norm.bias, block.mlp_norm.weight,
                                      block.mlp_norm.bias, attn.o_proj.bias, mlp.down_proj.bias]
     vocab = cfg.model.vocab_size
     padded = padded_vocab_size(vocab, dims.tp)
-    model.embed.wte = VocabParallelEmbedding(model.embed.wte.weight, group=group, padded_vocab=padded)
+    old_wte = model.embed.wte.weight
+    model.embed.wte = VocabParallelEmbedding(old_wte, group=group, padded_vocab=padded)
+    inherit_tags(model.embed.wte.weight, old_wte, tp_dim=0, tp_padded=padded)
     head = model.head
     if cfg.model.tied:
         head.lm_head = ColumnParallelLinear.tied_to(model.embed.wte, sequence_parallel=sp)
     else:
-        head.lm_head = ColumnParallelLinear.from_linear(head.lm_head, pad_out_to=padded, **col)
+        head.lm_head = _column(head.lm_head, pad_out_to=padded, **col)
     if sp:
         _split_sequence_after_embedding(model.embed, group)
         replicated_seen_by_shard += [head.norm.weight, head.norm.bias]
-        all_reduce_grads_over(replicated_seen_by_shard, group)
+        mark_sequence_parallel_grads(replicated_seen_by_shard, group)
     return model

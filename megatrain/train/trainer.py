@@ -18,7 +18,7 @@ from megatrain.config import Config, resolve_layout, to_deepspeed
 from megatrain.dist import comm_counter
 from megatrain.dist.env import device as current_device
 from megatrain.dist.env import init_distributed
-from megatrain.train import checkpoint as ckpt
+from megatrain.checkpoint.store import atomic_write_text
 from megatrain.train.logging import RunLogger
 from megatrain.train.regularization import param_groups, penalty
 from megatrain.train.schedules import lr_multiplier
@@ -52,13 +52,15 @@ class Trainer:
             raise ValueError("train.l1/l2 penalties need whole parameters; with parallel.zero_stage=3 use "
                              "train.weight_decay instead, or zero_stage<=2")
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
+        self.resume = self._open_resume()
 
         from megatrain.parallelize import parallelize
         if (cfg.train.l1 or cfg.train.l2) and self.layout.pp > 1:
             raise ValueError("train.l1/l2 penalties are not supported with parallel.pp>1 (the loss is computed "
                              "inside the pipeline); use train.weight_decay")
         self.pipelined = self.layout.pp > 1
-        model = parallelize(task.build_model(), cfg, self.dims, loss_fn=self._pipeline_loss)
+        model = parallelize(task.build_model(), cfg, self.dims, loss_fn=self._pipeline_loss,
+                            source=self._weights_source(), device=self.device)
         self.model_for_penalty = model
         # DeepSpeed takes the groups from a PipelineModule's own grid; otherwise from our mpu.
         mpu = None if self.pipelined else DeepSpeedMPU(self.dims)
@@ -93,18 +95,40 @@ class Trainer:
                                                      config=ds_config, mpu=mpu)
         return engine, opt, sched
 
+    def _open_resume(self):
+        from megatrain.checkpoint.layout_free import open_resume
+        from megatrain.checkpoint.store import resolve_resume
+        step_dir = resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
+        return open_resume(step_dir, self.cfg.model) if step_dir else None
+
+    def _weights_source(self):
+        """Where parameters come from: the checkpoint being resumed, a Hugging Face directory, or init."""
+        if self.resume is not None:
+            return self.resume.model
+        if self.cfg.model.from_hf:
+            from megatrain.interop.hf import HFSource
+            return HFSource(self.cfg.model.from_hf, self.cfg.model)
+        return None
+
     def _maybe_resume(self) -> None:
-        cfg = self.cfg.checkpoint
-        where = ckpt.resolve_resume(cfg.resume, self.ckpt_dir)
-        if where is None:
+        cfg, res = self.cfg.checkpoint, self.resume
+        if res is None:
             return
-        meta = ckpt.load(self.engine, where, load_optimizer=not cfg.reset_optimizer)
-        self.step = 0 if cfg.reset_schedule else int(meta["step"])
+        manifest = res.manifest
+        if not cfg.reset_optimizer and manifest.get("has_optimizer", True):
+            from megatrain.checkpoint.engine_state import load_optimizer_state
+            load_optimizer_state(self.engine, self.dims, res, step=int(manifest["optimizer_step"]))
+        self.step = 0 if cfg.reset_schedule else int(manifest["step"])
+        gbs = manifest.get("layout", {}).get("global_batch_size", self.layout.global_batch_size)
+        if not cfg.reset_schedule and gbs != self.layout.global_batch_size:
+            raise ValueError(f"checkpoint was trained with train.global_batch_size={gbs}; resuming with "
+                             f"{self.layout.global_batch_size} would move the data position. Keep it, or set "
+                             "checkpoint.reset_schedule=true to start a new schedule (continual training)")
         # Recompute the LR from *this* run's schedule (max_steps may have grown): the restored optimizer
-        # still carries the LR the old schedule set. reset_schedule restarts it (continual training).
+        # carries no LR. reset_schedule restarts it (continual training).
         self.scheduler.last_epoch = self.step - 1
         self.scheduler.step()
-        self.resumed_from = os.path.join(*where)
+        self.resumed_from = res.step_dir
 
     def _pipeline_loss(self, logits, labels):
         return self.task.loss_from_logits(logits, {"labels": labels})[0]
@@ -225,9 +249,12 @@ class Trainer:
         return self.task.summarize({"loss_sum": torch.stack(losses).sum(), "count": count})
 
     def save(self) -> str:
-        state = {"step": self.step, "seed": self.cfg.train.seed, "consumed_samples": self.step * self.layout.global_batch_size,
-                 "layout": self.layout.__dict__, "config": self.cfg.model_dump(mode="json")}
-        return ckpt.save(self.engine, self.ckpt_dir, self.step, state, keep_last=self.cfg.checkpoint.keep_last)
+        from megatrain.checkpoint.layout_free import save_checkpoint
+        state = {"seed": self.cfg.train.seed, "consumed_samples": self.step * self.layout.global_batch_size,
+                 "layout": self.layout.__dict__, "config": self.cfg.model_dump(mode="json"),
+                 "rng": "re-derived per (train.seed, step, dp rank)"}
+        return save_checkpoint(self.engine, self.dims, self.ckpt_dir, self.step, state,
+                               keep_last=self.cfg.checkpoint.keep_last)
 
     def run(self) -> dict[str, float]:
         cfg = self.cfg
@@ -236,7 +263,7 @@ class Trainer:
         if self.rank == 0:
             from megatrain.config import dump_config
             os.makedirs(cfg.log.dir, exist_ok=True)
-            ckpt.atomic_write_text(os.path.join(cfg.log.dir, "config.yaml"), dump_config(cfg))
+            atomic_write_text(os.path.join(cfg.log.dir, "config.yaml"), dump_config(cfg))
         n_params = sum(p.numel() for p in self.model_for_penalty.parameters())
         logger.message(f"megatrain: {cfg.model.arch} {n_params / 1e6:.2f}M params/rank | {self.layout.describe()} | "
                        f"zero={cfg.parallel.zero_stage} precision={cfg.train.precision} device={self.device.type}"

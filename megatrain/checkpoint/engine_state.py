@@ -1,0 +1,108 @@
+"""Moving training state between a DeepSpeed engine (any ZeRO stage, tp, pp) and logical tensors.
+
+Parameters and Adam moments are read through DeepSpeed's ``safe_get_full_*`` (which gathers ZeRO
+partitions over data parallel) and then gathered over tensor parallel with the parameter's shard tags;
+loading slices the logical tensor for this rank and writes it back through ``safe_set_full_*``.
+Without ZeRO partitioning (stage 0), the torch optimizer's state is used directly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatrain.checkpoint.shards import gather_logical, local_shape, shard_of
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def inner_optimizer(engine) -> torch.optim.Optimizer:
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def local_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """This rank's parameters with a logical name, each once, in module order (identical across the
+    ranks of a stage, so collectives inside the loops line up)."""
+    seen, out = set(), []
+    for p in module.parameters():
+        if id(p) not in seen and hasattr(p, "logical_name"):
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _full_local(p, engine, key: str | None) -> torch.Tensor:
+    """The tp-local, dp-complete fp32 value of ``p`` (key None) or of its optimizer state ``key``."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+    if value is not None:
+        return value.detach().float().cpu().reshape(local_shape(p))
+    if key is None:
+        return p.detach().float().cpu()
+    state = inner_optimizer(engine).state.get(p, {})
+    return state[key].detach().float().cpu() if key in state else torch.zeros(local_shape(p))
+
+
+def optimizer_step_count(engine) -> int:
+    for state in inner_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def gather_state(engine, dims, *, with_optimizer: bool = True):
+    """Yield (logical name, fp32 param, {moment: tensor}) for every local parameter; all ranks of the
+    stage must iterate it together (it contains dp and tp collectives)."""
+    tp_group, tp = (dims.tp_group, dims.tp) if dims is not None else (None, 1)
+    if with_optimizer:
+        relink_optimizer_state(engine)
+    for p in local_parameters(engine.module):
+        value = gather_logical(_full_local(p, engine, None), p, tp_group, tp)
+        moments = {}
+        if with_optimizer:
+            for key in MOMENTS:
+                moments[key] = gather_logical(_full_local(p, engine, key), p, tp_group, tp)
+        yield p, value, moments
+
+
+def _ensure_optimizer_state(engine, step: int) -> None:
+    """Adam states exist only after a first step; create them (zeros, given step) so they can be set."""
+    inner = inner_optimizer(engine)
+    for group in inner.param_groups:
+        for q in group["params"]:
+            state = inner.state[q]
+            if not state:
+                state["exp_avg"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+            state["step"] = torch.tensor(float(step))
+    relink_optimizer_state(engine)
+
+
+def relink_optimizer_state(engine) -> None:
+    """Point every parameter's ZeRO-1/2 / bf16 fragment mapping at the current optimizer state.
+
+    DeepSpeed links them once, right after the first step of the *first* param group, so groups stepped
+    later (our no-decay group) stay unlinked; relinking when all states exist fixes that."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def load_optimizer_state(engine, dims, source, *, step: int) -> None:
+    """Set fp32 master weights and Adam moments of every local parameter from ``source`` (logical
+    tensors named ``<name>`` and ``<name>.<moment>``), resharded for this rank's layout."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    tp_rank, tp = (dims.tp_rank, dims.tp) if dims is not None else (0, 1)
+    _ensure_optimizer_state(engine, step)
+    inner = inner_optimizer(engine)
+    for p in local_parameters(engine.module):
+        name = p.logical_name
+        master = shard_of(source.model.tensor(name).float(), p, tp_rank, tp).reshape(local_shape(p))
+        safe_set_full_fp32_param(p, master.to(p.device))  # exact fp32 master under bf16/fp16 (no-op at ZeRO-0)
+        for key in MOMENTS:
+            value = shard_of(source.optim.tensor(f"{name}.{key}").float(), p, tp_rank, tp).reshape(local_shape(p))
+            if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
+                safe_set_full_optimizer_state(p, value.to(p.device), key)
+            else:
+                inner.state[p][key].copy_(value.to(inner.state[p][key]))

@@ -1,0 +1,143 @@
+"""Save and resume training under any parallel layout.
+
+Save (collective): every rank gathers its stage's parameters and Adam moments into logical tensors
+(ZeRO partitions over dp, shards over tp); the first tp rank of data-parallel replica 0 of each pipeline
+stage writes them; rank 0 writes the manifest and publishes the step (rename + ``latest``).
+Resume: rank 0 verifies sizes and checksums of every file (streaming, tensor by tensor) and the model
+sizes against the config; parameters are materialised straight from the files into the new layout;
+after deepspeed.initialize the fp32 master weights and moments are resharded into the optimizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatrain.checkpoint.engine_state import gather_state, optimizer_step_count
+from megatrain.checkpoint.store import (FORMAT, CheckpointError, CheckpointSource, atomic_write_text, commit,
+                                        read_manifest, tag_for, verify_file, write_tensors)
+
+# model.* fields that decide tensor shapes: a checkpoint loads only into a model that agrees on them
+SHAPE_FIELDS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                "max_seq_len", "tie_embeddings", "num_classes", "in_channels", "widths", "blocks_per_stage", "block",
+                "bidirectional", "task")
+
+
+@dataclass
+class ResumeSource:
+    step_dir: str
+    manifest: dict
+    model: CheckpointSource
+    optim: CheckpointSource
+
+
+def save_checkpoint(engine, dims, ckpt_dir: str, step: int, state: dict, *, keep_last: int,
+                    with_optimizer: bool = True) -> str:
+    rank = dist.get_rank()
+    tag = tag_for(step)
+    tmp, final = os.path.join(ckpt_dir, f".tmp-{tag}"), os.path.join(ckpt_dir, tag)
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    stage = dims.pp_rank if dims is not None else 0
+    writer = dims is None or (dims.tp_rank == 0 and dims.dp_rank == 0)
+    model, optim = {}, {}
+    for p, value, moments in gather_state(engine, dims, with_optimizer=with_optimizer):
+        # the tied token table lives on the first and last stage; the first stage writes it
+        if writer and not (stage > 0 and getattr(p, "pipeline_tied", False)):
+            model[p.logical_name] = value
+            optim.update({f"{p.logical_name}.{k}": v for k, v in moments.items()})
+    for name, buf in engine.module.named_buffers():
+        if writer and hasattr(buf, "logical_name"):
+            model[buf.logical_name] = buf.detach().cpu()
+    if writer:
+        files = {f"model-s{stage}.safetensors": write_tensors(os.path.join(tmp, f"model-s{stage}.safetensors"), model)}
+        if optim:
+            files[f"optim-s{stage}.safetensors"] = write_tensors(os.path.join(tmp, f"optim-s{stage}.safetensors"), optim)
+        atomic_write_text(os.path.join(tmp, f"index-s{stage}.json"), json.dumps(files))
+    dist.barrier()
+    if rank == 0:
+        files = {}
+        for name in sorted(os.listdir(tmp)):
+            if name.startswith("index-s"):
+                with open(os.path.join(tmp, name), encoding="utf-8") as f:
+                    files.update(json.load(f))
+                os.remove(os.path.join(tmp, name))
+        manifest = {"format": FORMAT, "step": step, "optimizer_step": optimizer_step_count(engine),
+                    "has_optimizer": with_optimizer, **state, "files": files}
+        atomic_write_text(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=1))
+        commit(tmp, final, ckpt_dir, keep_last=keep_last)
+    dist.barrier()
+    return final
+
+
+def _check_model(manifest: dict, model_cfg, step_dir: str) -> None:
+    saved = manifest.get("config", {}).get("model", {})
+    for field in SHAPE_FIELDS:
+        if field in saved and saved[field] != getattr(model_cfg, field):
+            raise CheckpointError(f"checkpoint {step_dir} was written for model.{field}={saved[field]!r} but the "
+                                  f"config has {getattr(model_cfg, field)!r}; use the checkpoint's model settings")
+
+
+def open_resume(step_dir: str, model_cfg, *, verify: bool = True) -> ResumeSource:
+    """Verify (rank 0, result shared with every rank) and open a checkpoint for loading."""
+    error = ""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            manifest = read_manifest(step_dir)
+            _check_model(manifest, model_cfg, step_dir)
+            if verify:
+                for fname, entry in manifest["files"].items():
+                    verify_file(os.path.join(step_dir, fname), entry)
+        except CheckpointError as err:
+            error = str(err)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise CheckpointError(error)
+    manifest = read_manifest(step_dir)
+    return ResumeSource(step_dir, manifest, CheckpointSource(step_dir, manifest, prefix="model"),
+                        CheckpointSource(step_dir, manifest, prefix="optim"))
+
+
+def load_model_state(path: str):
+    """(Config, {logical name: full tensor}) of a checkpoint step dir (or a run's checkpoint dir) — for
+    scripts and compression passes that want the plain model."""
+    from megatrain.checkpoint.store import latest_step_dir
+    from megatrain.config import build_config
+    step_dir = path if os.path.isfile(os.path.join(path, "manifest.json")) else latest_step_dir(path)
+    if step_dir is None:
+        raise CheckpointError(f"{path}: no checkpoint found (no manifest.json or latest)")
+    manifest = read_manifest(step_dir)
+    for fname, entry in manifest["files"].items():
+        if fname.startswith("model"):
+            verify_file(os.path.join(step_dir, fname), entry)
+    src = CheckpointSource(step_dir, manifest, prefix="model")
+    return build_config(manifest["config"]), {name: src.tensor(name) for name in src.where}
+
+
+def build_model_from_checkpoint(path: str) -> tuple[object, torch.nn.Module]:
+    """(Config, plain unsharded model with the checkpoint's weights) — evaluation, export, pruning."""
+    cfg, state = load_model_state(path)
+    from megatrain.train.tasks import make_task
+    model = make_task(cfg).build_model()
+    if any(p.is_meta for p in model.parameters()):
+        model = model.to_empty(device="cpu")
+    if cfg.model.is_transformer and cfg.model.tied:
+        state.setdefault("head.lm_head.weight", state["embed.wte.weight"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("rotary.inv_freq")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]})")
+    if cfg.model.is_transformer and cfg.model.tied:
+        model.head.lm_head.weight = model.embed.wte.weight
+    return cfg, model

@@ -1,0 +1,83 @@
+"""Meta-device models made real, each rank reading only the tensors it owns.
+
+A Transformer is built on the meta device (no memory), sharded by the tensor-parallel transform (still
+meta), optionally cut into pipeline stages, and only then are the parameters this rank keeps filled — from
+the name-seeded init, a Hugging Face directory, or a megatrain checkpoint, one logical tensor at a time.
+Peak memory is this rank's share plus one full tensor, never the whole model.
+
+Parameters are swapped for new ``nn.Parameter`` objects (meta tensors cannot be assigned CPU data); a
+memo keeps tied weights tied and every tag (logical name, tp layout) travels with the new parameter.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from megatrain.checkpoint.shards import shard_of
+
+
+class TensorSource(Protocol):
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The full logical tensor called ``name`` (fp32 or the stored dtype), of shape ``shape``."""
+
+
+class InitSource:
+    """Name-seeded initialisation (megatrain.models.transformer.init_tensor)."""
+
+    def __init__(self, *, seed: int, std: float, num_layers: int):
+        self.seed, self.std, self.num_layers = seed, std, num_layers
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        from megatrain.models.transformer import init_tensor
+        return init_tensor(name, shape, seed=self.seed, std=self.std, num_layers=self.num_layers)
+
+
+def swap_parameters_(model: nn.Module, make: Callable[[nn.Parameter], torch.Tensor], *, only=None) -> None:
+    """Replace parameters (all, or those whose id is in ``only``) with ``nn.Parameter(make(old))``."""
+    memo: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, old in list(module._parameters.items()):
+            if old is None or (only is not None and id(old) not in only):
+                continue
+            new = memo.get(id(old))
+            if new is None:
+                new = nn.Parameter(make(old), requires_grad=old.requires_grad)
+                new.__dict__.update(old.__dict__)  # logical name, tp layout, model-parallel marks
+                memo[id(old)] = new
+            module._parameters[key] = new
+
+
+def placeholders_(model: nn.Module) -> None:
+    """Meta parameters → zero-stride CPU stand-ins (4 bytes each) that still report their shape, so
+    DeepSpeed can partition pipeline stages by parameter count and move them to a device for free."""
+    def stand_in(p):
+        p.stand_in = True  # copied onto the new parameter; survives DeepSpeed's .to(device)
+        return torch.empty(1, dtype=p.dtype).expand(p.shape)
+    swap_parameters_(model, stand_in, only={id(p) for p in model.parameters() if p.is_meta})
+
+
+def _is_stand_in(p: torch.Tensor) -> bool:
+    return p.is_meta or getattr(p, "stand_in", False)
+
+
+def materialize_(model: nn.Module, source: TensorSource, *, tp_rank: int, tp_size: int, device,
+                 dtype: torch.dtype = torch.float32, overwrite: bool = False) -> int:
+    """Fill this rank's parameters from ``source`` (stand-ins always; real ones too if ``overwrite``).
+    Returns the number of tensors read."""
+    todo = {id(p) for p in model.parameters() if overwrite or _is_stand_in(p)}
+    count = 0
+
+    def make(p: nn.Parameter) -> torch.Tensor:
+        nonlocal count
+        count += 1
+        name = getattr(p, "logical_name", None)
+        if name is None:
+            raise ValueError("materialize: a parameter has no logical name (built outside parallelize?)")
+        full = source.tensor(name, tuple(getattr(p, "logical_shape", p.shape)))
+        p.__dict__.pop("stand_in", None)
+        return shard_of(full, p, tp_rank, tp_size).to(device=device, dtype=dtype).contiguous()
+
+    swap_parameters_(model, make, only=todo)
+    return count

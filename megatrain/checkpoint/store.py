@@ -1,0 +1,198 @@
+"""On-disk format of layout-free checkpoints, and its integrity checks.
+
+    <dir>/step_00000042/
+        manifest.json                 format, step, config, layout it was written under, data position,
+                                      files → tensors with shape, dtype, crc32; written last
+        model-s<k>.safetensors        full (unsharded) fp32 parameters held by pipeline stage k
+        optim-s<k>.safetensors        "<name>.exp_avg" / "<name>.exp_avg_sq" per parameter, full, fp32
+    <dir>/latest                      name of the newest complete checkpoint, replaced atomically
+
+A step is written into ``.tmp-step_…`` and renamed when every file and the manifest are on disk and
+fsynced, so a crash mid-save leaves the previous checkpoint and ``latest`` untouched. Nothing is
+unpickled: tensors are safetensors, metadata is JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import zlib
+
+import torch
+
+FORMAT = "megatrain-checkpoint/1"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file (and tensor) and what to do."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def crc32_of(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().view(torch.uint8).reshape(-1).numpy()) if t.numel() else 0
+
+
+def write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write a safetensors file (fsynced); returns its manifest entry."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return {"bytes": os.path.getsize(path),
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "crc32": crc32_of(v)}
+                        for k, v in tensors.items()}}
+
+
+def _header(path: str) -> tuple[dict, int]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"checkpoint file {path} is truncated ({size} bytes); resume from an earlier step")
+        n = struct.unpack("<Q", raw)[0]
+        if n > size - 8:
+            raise CheckpointError(f"checkpoint file {path} is truncated or not safetensors (header {n} bytes, file {size})")
+        return json.loads(f.read(n)), 8 + n
+
+
+def verify_file(path: str, entry: dict) -> None:
+    """Size, header and per-tensor crc32 against the manifest. Streams tensor by tensor."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete, resume from another step")
+    if os.path.getsize(path) != entry["bytes"]:
+        raise CheckpointError(f"checkpoint file {path} has {os.path.getsize(path)} bytes, manifest says "
+                              f"{entry['bytes']} (truncated or replaced); resume from an earlier step")
+    header, base = _header(path)
+    with open(path, "rb") as f:
+        for name, meta in entry["tensors"].items():
+            if name not in header:
+                raise CheckpointError(f"checkpoint file {path} lacks tensor {name!r} listed in the manifest")
+            start, stop = header[name]["data_offsets"]
+            f.seek(base + start)
+            crc, left = 0, stop - start
+            while left:
+                chunk = f.read(min(left, 64 << 20))
+                if not chunk:
+                    raise CheckpointError(f"checkpoint file {path}: tensor {name!r} is truncated")
+                crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+            if crc != meta["crc32"]:
+                raise CheckpointError(f"checkpoint file {path}: tensor {name!r} fails its checksum (corrupt); "
+                                      "restore the file or resume from an earlier step")
+
+
+def read_manifest(step_dir: str) -> dict:
+    path = os.path.join(step_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{step_dir} is not a complete megatrain checkpoint (no manifest.json); "
+                              "pass a run's checkpoint dir, a step_XXXXXXXX dir, 'auto' or 'none'")
+    with open(path, encoding="utf-8") as f:
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path} is not valid JSON ({err.msg}); the checkpoint is corrupt") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    return manifest
+
+
+def latest_step_dir(ckpt_dir: str) -> str | None:
+    path = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        tag = f.read().strip()
+    step_dir = os.path.join(ckpt_dir, tag)
+    if not os.path.isfile(os.path.join(step_dir, "manifest.json")):
+        raise CheckpointError(f"{path} points to {tag!r}, which is incomplete or missing; fix the pointer or "
+                              "pass --checkpoint.resume=<dir>/step_XXXXXXXX")
+    return step_dir
+
+
+def resolve_resume(resume: str, ckpt_dir: str) -> str | None:
+    """The step directory to resume from, or None. ``resume`` is 'none', 'auto' or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_step_dir(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    path = os.path.abspath(resume)
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        return path
+    if os.path.isfile(os.path.join(path, "latest")):
+        return latest_step_dir(path)
+    raise CheckpointError(f"checkpoint.resume={resume}: not a checkpoint (no manifest.json or latest); "
+                          "pass a run's checkpoint dir, a step_XXXXXXXX dir, 'auto' or 'none'")
+
+
+def commit(tmp_dir: str, final_dir: str, ckpt_dir: str, *, keep_last: int) -> None:
+    """Publish a fully written step: rename into place, then point ``latest`` at it, then rotate."""
+    fsync_dir(tmp_dir)
+    if os.path.isdir(final_dir):  # re-saving the same step (e.g. a resumed run's final save)
+        shutil.rmtree(final_dir)
+    os.replace(tmp_dir, final_dir)
+    fsync_dir(ckpt_dir)
+    atomic_write_text(os.path.join(ckpt_dir, "latest"), os.path.basename(final_dir))
+    rotate(ckpt_dir, keep_last=keep_last, newest=os.path.basename(final_dir))
+
+
+def rotate(ckpt_dir: str, *, keep_last: int, newest: str) -> None:
+    complete = sorted(t for t in os.listdir(ckpt_dir)
+                      if _TAG.match(t) and os.path.isfile(os.path.join(ckpt_dir, t, "manifest.json")))
+    for tag in complete[:-keep_last]:
+        if tag != newest:
+            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+    for name in os.listdir(ckpt_dir):  # debris of crashed saves
+        if name.startswith(".tmp-step_") and name != f".tmp-{newest}":
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+
+
+class CheckpointSource:
+    """Full logical tensors from a checkpoint's model files (one tensor in memory at a time)."""
+
+    def __init__(self, step_dir: str, manifest: dict | None = None, *, prefix: str = "model"):
+        from safetensors import safe_open
+        self.step_dir = step_dir
+        self.manifest = manifest or read_manifest(step_dir)
+        self.where: dict[str, str] = {}
+        for fname, entry in self.manifest["files"].items():
+            if fname.startswith(prefix):
+                for name in entry["tensors"]:
+                    self.where[name] = fname
+        self._open = {f: safe_open(os.path.join(step_dir, f), framework="pt") for f in set(self.where.values())}
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"checkpoint {self.step_dir} has no tensor {name!r}; it was written for a "
+                                  "different model (check model.* against its manifest)")
+        t = self._open[self.where[name]].get_tensor(name)
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"checkpoint {self.step_dir}: tensor {name!r} has shape {tuple(t.shape)}, the model "
+                                  f"expects {tuple(shape)}; the config's model sizes differ from the checkpoint's")
+        return t
