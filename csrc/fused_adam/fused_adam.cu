@@ -4,7 +4,8 @@
 //
 // Memory-bound: 28 B/param for fp32 params (read p, g, m, v; write p, m, v), 20 B/param for 16-bit
 // params with fp32 moments. Math is fp32 throughout; 16-bit params are rounded once at the store.
-// Per element it is the CPU AdamW's sequence (csrc/cpu_adam), so the two agree to rounding.
+// Per element it is the CPU AdamW's sequence of IEEE-rounded operations (csrc/cpu_adam), so an
+// offloaded and an on-GPU run of the same fp32 step should give the same bits.
 #include "fused_adam.h"
 
 #include "../common/cuda_utils.cuh"
@@ -63,7 +64,7 @@ __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float
   p = __fmul_rn(p, h.decay);
   m = __fmaf_rn(h.one_minus_b1, g - m, m);
   v = __fadd_rn(__fmul_rn(v, h.beta2), __fmul_rn(__fmul_rn(h.one_minus_b2, g), g));  // no contraction
-  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), h.bc2_sqrt), h.eps);
+  const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(v), h.inv_bc2_sqrt), h.eps);
   p = __fmaf_rn(h.neg_step_size, __fdiv_rn(m, denom), p);
 }
 
@@ -154,8 +155,9 @@ Hyper make_hyper(double lr, double beta1, double beta2, double eps, double weigh
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
   return Hyper{static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta1),
-               static_cast<float>(beta2), static_cast<float>(1.0 - beta2), static_cast<float>(std::sqrt(bc2)),
-               static_cast<float>(eps), static_cast<float>(-lr / bc1)};
+               static_cast<float>(beta2),                      static_cast<float>(1.0 - beta2),
+               static_cast<float>(1.0 / std::sqrt(bc2)),       static_cast<float>(eps),
+               static_cast<float>(-lr / bc1)};
 }
 
 cudaError_t launch(const TensorPtrs* tensors, int num_tensors, DType dtype, const Hyper& h, cudaStream_t stream) {

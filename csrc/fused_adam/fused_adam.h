@@ -24,7 +24,7 @@ struct Hyper {
   float one_minus_b1;   // 1 - beta1
   float beta2;
   float one_minus_b2;   // 1 - beta2
-  float bc2_sqrt;       // sqrt(1 - beta2^step)
+  float inv_bc2_sqrt;   // 1 / sqrt(1 - beta2^step)
   float eps;
   float neg_step_size;  // -lr / (1 - beta1^step)
 };

@@ -68,8 +68,11 @@ struct Group<false> {  // blockDim = (threads, 1), threads a multiple of 32
   }
 };
 
+// Warp kernels launch 128 threads (min 4 blocks/SM keeps ptxas from spilling); block kernels up to 1024.
+#define MT_ROW_BOUNDS __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : 1024, WARP ? 4 : 1)
+
 template <typename T, bool RMS, bool HAS_BIAS, int VEC, bool WARP>
-__global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : 1024, WARP ? 4 : 1) norm_fwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+__global__ void MT_ROW_BOUNDS norm_fwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                          T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
                          int64_t rows, int hidden, float eps) {
   using G = Group<WARP>;
@@ -114,7 +117,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : 1024, WARP ? 4
 
 // dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)); RMSNorm drops the mean(w*dy) term.
 template <typename T, bool RMS, int VEC, bool WARP>
-__global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : 1024, WARP ? 4 : 1) norm_bwd_dx(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
+__global__ void MT_ROW_BOUNDS norm_bwd_dx(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
                             const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
                             T* __restrict__ dx, int64_t rows, int hidden) {
   using G = Group<WARP>;

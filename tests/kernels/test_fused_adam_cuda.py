@@ -115,3 +115,19 @@ def test_optimizer_class_on_a_model(fa):
             o.step()
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_same_bits_as_the_cpu_adamw(fa):
+    """Offloaded (csrc/cpu_adam) and on-GPU steps run the same IEEE-rounded sequence."""
+    if not extensions.load("cpu_adam"):
+        pytest.skip(f"CPU AdamW unavailable: {extensions._status('cpu_adam').detail}")
+    cpu = extensions.ops("cpu_adam")
+    torch.manual_seed(3)
+    p, m, v = torch.randn(100_003), torch.zeros(100_003), torch.zeros(100_003)
+    pc, mc, vc = p.cuda(), m.cuda(), v.cuda()
+    for step in range(1, 4):
+        g = torch.randn(100_003)
+        cpu.adamw_step([p], [g], [m], [v], [], HYPER["lr"], *HYPER["betas"], HYPER["eps"], HYPER["weight_decay"],
+                       step)
+        _call(fa, [pc], [g.cuda()], [mc], [vc], step)
+    assert torch.equal(p, pc.cpu()) and torch.equal(m, mc.cpu()) and torch.equal(v, vc.cpu())
