@@ -182,3 +182,13 @@ def test_triton_adamw_class_matches_torch():
         opt.step()
         ref_opt.step()
     torch.testing.assert_close(p, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_backend_report_lists_extensions(cpu_ops):
+    report = extensions.backend_report()
+    by_name = {e["name"]: e for e in report["extensions"]}
+    assert by_name["cpu_adam"]["state"] == "loaded" and by_name["cpu_adam"]["extra"]["isas"][-1] == "scalar"
+    assert {"fused_adam", "layer_norm"} <= set(by_name)
+    offload = next(r for r in report["ops"] if r["op"].startswith("adamw (CPU"))
+    assert offload["cpu"][0] == "cpu_adam"
+    assert "cpu_adam" in extensions.format_report(report)

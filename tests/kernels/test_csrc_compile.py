@@ -171,3 +171,21 @@ def test_torch_bindings_parse():
     with concurrent.futures.ThreadPoolExecutor(len(binds)) as pool:
         errors = [f"{rel}:\n{err}" for rel, err in pool.map(parse, binds) if err]
     assert not errors, "\n".join(errors)
+
+
+def test_setup_hook_builds_what_the_toolchain_allows(monkeypatch):
+    """csrc/build.py: the CPU extension with a compiler, CUDA ones only with CUDA torch, nothing on request."""
+    import torch
+
+    from csrc import build, spec
+
+    monkeypatch.delenv("MEGATRAIN_NO_EXT", raising=False)
+    # the hook sets a default arch list in os.environ; keep that inside this test
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", spec.DEFAULT_CUDA_ARCH_LIST))
+    exts, cmdclass = build.extensions_and_cmdclass()
+    names = {e.name for e in exts}
+    assert spec.module_name("cpu_adam") in names
+    assert (spec.module_name("fused_adam") in names) == (torch.version.cuda is not None and _nvcc() is not None)
+    assert "build_ext" in cmdclass
+    monkeypatch.setenv("MEGATRAIN_NO_EXT", "1")
+    assert build.extensions_and_cmdclass() == ([], {})
