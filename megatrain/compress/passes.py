@@ -130,12 +130,12 @@ def run_prune(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
     """Prune cfg.prune.source (or the config's model) to the target sizes; returns the table rows."""
     p = cfg.prune
     lm = LanguageModelingTask(cfg)  # fills model.vocab_size from the data
-    lay, dims = _setup(cfg, local_rank)
     model, model_cfg = _source_model(cfg, p.source, "prune.source")
     cfg = with_fields(cfg, model=model_cfg)
+    start, target = Sizes.of(model_cfg), target_sizes(model_cfg, p, tp=cfg.parallel.tp)  # before any group
+    lay, dims = _setup(cfg, local_rank)
     val, train = lm.val_dataset() or lm.train_dataset(), lm.train_dataset()
     rows = [measure("original", model, model_cfg, cfg, val)]
-    start, target = Sizes.of(model_cfg), target_sizes(model_cfg, p, tp=lay.tp)
     steps = p.iterations if p.schedule == "iterative" else 1
     batches = _calibration(cfg, lay, dims, train) if p.importance in ("taylor", "activation") else []
     for i in range(1, steps + 1):
