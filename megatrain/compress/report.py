@@ -2,8 +2,8 @@
 
 Every row is measured the same way, on the plain (unsharded) model in this process, so rows are comparable:
 validation loss over the first ``train.eval_batches`` micro-batches of the validation split; tokens/s of a
-training forward + backward (no optimizer) on one micro-batch, after one warm-up, over ``prune.measure_batches``
-repetitions; FLOPs/token from ``flops_per_token`` (training, PaLM convention) of the model's config.
+training forward + backward (no optimizer) on one micro-batch, after one warm-up, the fastest of
+``prune.measure_batches`` repetitions; FLOPs/token from ``flops_per_token`` (training, PaLM convention) of the model's config.
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def tokens_per_s(model: torch.nn.Module, dataset, *, micro_batch_size: int, repe
         if r:  # the first pass is a warm-up (allocator, kernel selection)
             times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
-    return batch["input_ids"].numel() * len(times) / sum(times)
+    # The fastest repetition: on a shared machine the slower ones measure the neighbours, not the model.
+    return batch["input_ids"].numel() / min(times)
 
 
 def measure(name: str, model: torch.nn.Module, model_cfg: ModelConfig, cfg: Config, val_data) -> dict:

@@ -118,3 +118,20 @@ def test_teacher_vocab_mismatch_is_one_line_error(tiny_corpus, tmp_path):
     with pytest.raises(ValueError, match=r"distill.teacher has vocab_size=\d+ but the student's model.vocab_size") as e:
         DistillationTask(cfg, teacher=(build_transformer(teacher_cfg), teacher_cfg))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow  # importing transformers dominates
+def test_teacher_from_a_hugging_face_directory(tiny_corpus, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = _tiny_cfg(tiny_corpus, tmp_path)
+    hf_cfg = transformers.GPT2Config(vocab_size=cfg.model.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=16,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"teacher": str(tmp_path / "hf")})})
+    task = DistillationTask(cfg, student=build_transformer(cfg.model, seed=0))
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(task.teacher_logits(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not any(p.requires_grad for p in task.teacher.parameters()) and not task.teacher.training
