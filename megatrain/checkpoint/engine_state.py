@@ -68,13 +68,15 @@ def gather_state(engine, dims, *, with_optimizer: bool = True):
 def _ensure_optimizer_state(engine, step: int) -> None:
     """Adam states exist only after a first step; create them (zeros, given step) so they can be set."""
     inner = inner_optimizer(engine)
-    for group in inner.param_groups:
-        for q in group["params"]:
-            state = inner.state[q]
-            if not state:
-                state["exp_avg"] = torch.zeros_like(q, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(q, memory_format=torch.preserve_format)
-            state["step"] = torch.tensor(float(step))
+    flat = [q for group in inner.param_groups for q in group["params"]]
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3 / ZeRO-1,2 masters
+        flat += [q for q in getattr(engine.optimizer, attr, []) if all(q is not f for f in flat)]
+    for q in flat:
+        state = inner.state[q]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+        state["step"] = torch.tensor(float(step))
     relink_optimizer_state(engine)
 
 
