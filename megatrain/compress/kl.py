@@ -56,5 +56,6 @@ def vocab_parallel_kl(student: torch.Tensor, teacher: torch.Tensor, *, group, vo
 
 
 def distill_loss(kl_mean: torch.Tensor, ce_mean: torch.Tensor, *, alpha: float, temperature: float) -> torch.Tensor:
-    """α·T²·KL + (1 − α)·CE. T² keeps the soft-target gradient's scale independent of T (Hinton et al. 2015)."""
+    """α·T²·KL + (1 − α)·CE. T² keeps the soft-target gradient's scale independent of T
+    (Hinton et al. 2015)."""
     return alpha * temperature**2 * kl_mean + (1 - alpha) * ce_mean

@@ -3,7 +3,8 @@
 Every row is measured the same way, on the plain (unsharded) model in this process, so rows are comparable:
 validation loss over the first ``train.eval_batches`` micro-batches of the validation split; tokens/s of a
 training forward + backward (no optimizer) on one micro-batch, after one warm-up, the fastest of
-``prune.measure_batches`` repetitions; FLOPs/token from ``flops_per_token`` (training, PaLM convention) of the model's config.
+``prune.measure_batches`` repetitions; FLOPs/token from ``flops_per_token`` (training, PaLM convention) of
+the model's config.
 """
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ def measure(name: str, model: torch.nn.Module, model_cfg: ModelConfig, cfg: Conf
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| model | layers | heads | ffn | params | MFLOPs/token | tokens/s | val loss |\n|---|---:|---:|---:|---:|---:|---:|---:|"
-    lines = [head]
+    lines = ["| model | layers | heads | ffn | params | MFLOPs/token | tokens/s | val loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['num_layers']} | {r['num_heads']} | {r['ffn']} | {r['params']:,} | "
                      f"{r['flops_per_token'] / 1e6:.2f} | {r['tokens_per_s']:,.0f} | {r['val_loss']:.4f} |")

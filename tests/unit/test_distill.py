@@ -57,7 +57,8 @@ def test_vocab_parallel_kl_equals_full_kl():
 def _tiny_cfg(corpus, tmp_path, **distill):
     from megatrain.train.lm_task import read_vocab_size
     return build_config({
-        "model": {"arch": "gpt2", "vocab_size": read_vocab_size(corpus), "hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_seq_len": 16},
+        "model": {"arch": "gpt2", "vocab_size": read_vocab_size(corpus), "hidden_size": 32, "num_layers": 1,
+                  "num_heads": 2, "max_seq_len": 16},
         "data": {"path": corpus, "seq_len": 16},
         "train": {"seed": 3}, "log": {"dir": str(tmp_path)}, "distill": {"temperature": 2.0, **distill}})
 
