@@ -256,6 +256,16 @@ class Trainer:
         return save_checkpoint(self.engine, self.dims, self.ckpt_dir, self.step, state,
                                keep_last=self.cfg.checkpoint.keep_last)
 
+    def export_hf(self, step_dir: str) -> None:
+        """Write the checkpoint at ``step_dir`` as a Hugging Face directory (rank 0; others wait)."""
+        if self.rank == 0:
+            from megatrain.checkpoint.layout_free import load_model_state
+            from megatrain.interop.hf import save_state_pretrained
+            cfg, state = load_model_state(step_dir)
+            out = save_state_pretrained(state, cfg.model, self.cfg.checkpoint.export_hf)
+            print(f"exported Hugging Face model: {out}", flush=True)
+        dist.barrier()
+
     def run(self) -> dict[str, float]:
         cfg = self.cfg
         logger = RunLogger(cfg.log.dir, total_steps=cfg.train.max_steps, start_step=self.step,
@@ -289,8 +299,12 @@ class Trainer:
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
             saved = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
-            if cfg.checkpoint.save_final and self.step > first_step and not saved:
-                self.save()
+            final_dir = None
+            if (cfg.checkpoint.save_final or cfg.checkpoint.export_hf) and (self.step > first_step or self.resume is None) \
+                    and not saved:
+                final_dir = self.save()
+            if cfg.checkpoint.export_hf:
+                self.export_hf(final_dir or os.path.join(self.ckpt_dir, f"step_{self.step:08d}"))
         finally:
             logger.close()
         if self.rank == 0 and cfg.log.report:

@@ -1,0 +1,36 @@
+"""Fine-tune a local Hugging Face GPT-2/Llama checkpoint on your JSONL/text data, under any layout.
+
+    deepspeed --num_gpus 8 launch/finetune.py --config recipes/finetune_llama.yaml \\
+        --model.from_hf=/models/llama-1b --data.sources='[/data/chat.jsonl]' --parallel.tp=2 \\
+        --checkpoint.export_hf=out/llama-1b-ft
+
+The model's architecture comes from the directory's config.json; the tokenizer defaults to the one in it.
+Each rank reads only the weight slices it owns (meta-device construction + safetensors slices)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatrain.cli_args import fail, parse  # noqa: E402
+
+
+def main(argv=None):
+    cfg, _, local_rank = parse(argv, description=__doc__)
+    if not cfg.model.from_hf:
+        fail(ValueError("model.from_hf is not set; pass --model.from_hf=/path/to/hf_model_dir"))
+    from megatrain.data.prepare import prepare_corpus
+    from megatrain.interop.hf import model_config_from_hf
+    from megatrain.train.trainer import Trainer
+    try:
+        cfg.model = model_config_from_hf(cfg.model.from_hf, base=cfg.model)
+        if cfg.data.tokenizer is None:
+            cfg.data.tokenizer = cfg.model.from_hf
+        prepare_corpus(cfg.data, seed=cfg.train.seed)  # idempotent; concurrent ranks wait on its lock
+        trainer = Trainer(cfg, local_rank=local_rank)
+    except ValueError as err:
+        fail(err)
+    trainer.run()
+
+
+if __name__ == "__main__":
+    main()
