@@ -41,6 +41,19 @@ class _AdamWBase(torch.optim.Optimizer):
     def _zeros_state(self, p: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts loaded state to each param's dtype; the moments here stay fp32 even for bf16/fp16
+        # params (a bf16 round trip would lose their precision), so keep the saved fp32 tensors
+        moments = {}
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved["params"], group["params"]):
+                entry = state_dict["state"].get(pid, {})
+                moments[p] = {k: entry[k] for k in ("exp_avg", "exp_avg_sq") if k in entry}
+        super().load_state_dict(state_dict)
+        for p, saved in moments.items():
+            for key, value in saved.items():
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
 
 class CPUAdamW(_AdamWBase):
     """AdamW over fp32 CPU params through csrc/cpu_adam (AVX2/AVX-512, OpenMP); ZeRO CPU offload's optimizer.

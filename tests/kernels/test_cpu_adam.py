@@ -192,3 +192,14 @@ def test_backend_report_lists_extensions(cpu_ops):
     offload = next(r for r in report["ops"] if r["op"].startswith("adamw (CPU"))
     assert offload["cpu"][0] == "cpu_adam"
     assert "cpu_adam" in extensions.format_report(report)
+
+
+def test_load_state_dict_keeps_fp32_moments_for_low_precision_params(cpu_ops):
+    # torch.optim casts loaded state to the param dtype; a bf16 param's fp32 moments must survive
+    p = torch.nn.Parameter(torch.randn(10).to(torch.bfloat16))
+    opt = adamw_mod.CPUAdamW([p], **HYPER)
+    m = torch.randn(10) * 1e-3 + 1.0001  # not representable in bf16
+    opt.load_state_dict({"state": {0: {"step": torch.tensor(3.0), "exp_avg": m, "exp_avg_sq": m.abs()}},
+                         "param_groups": [{**opt.param_groups[0], "params": [0]}]})
+    assert opt.state[p]["exp_avg"].dtype == torch.float32 and torch.equal(opt.state[p]["exp_avg"], m)
+    assert opt.state[p]["exp_avg"].data_ptr() != m.data_ptr()  # a copy, not the caller's tensor
