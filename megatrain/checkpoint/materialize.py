@@ -63,10 +63,12 @@ def _is_stand_in(p: torch.Tensor) -> bool:
 
 
 def materialize_(model: nn.Module, source: TensorSource, *, tp_rank: int, tp_size: int, device,
-                 dtype: torch.dtype = torch.float32, overwrite: bool = False) -> int:
-    """Fill this rank's parameters from ``source`` (stand-ins always; real ones too if ``overwrite``).
-    Returns the number of tensors read."""
-    todo = {id(p) for p in model.parameters() if overwrite or _is_stand_in(p)}
+                 dtype: torch.dtype = torch.float32, overwrite: bool = False, only=None) -> int:
+    """Fill this rank's parameters from ``source`` (stand-ins always; real ones too if ``overwrite``;
+    restricted to the parameters in ``only`` if given). Returns the number of tensors read."""
+    only_ids = None if only is None else {id(q) for q in only}
+    todo = {id(p) for p in model.parameters()
+            if (overwrite or _is_stand_in(p)) and (only_ids is None or id(p) in only_ids)}
     count = 0
 
     def make(p: nn.Parameter) -> torch.Tensor:

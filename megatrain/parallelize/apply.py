@@ -34,15 +34,19 @@ def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None, source=Non
         apply_activation_checkpointing(blocks, mode=cfg.parallel.activation_checkpointing,
                                        every_n=cfg.parallel.checkpoint_every_n)
     on_meta = any(p.is_meta for p in model.parameters())
+    overwrite = source is not None and not on_meta
+    if on_meta or source is not None:
+        source = source or InitSource(seed=cfg.train.seed, std=cfg.model.init_std, num_layers=cfg.model.num_layers)
+    tp_rank, tp_size = (dims.tp_rank, dims.tp) if dims is not None else (0, 1)
+    fill = dict(tp_rank=tp_rank, tp_size=tp_size, device=device or torch.device("cpu"), overwrite=overwrite)
     if dims is not None and dims.pp > 1:
         from megatrain.parallelize.pipeline import to_pipeline_module
         if on_meta:
+            if cfg.model.tied:  # PipelineModule broadcasts the tied table between stages while it is built
+                materialize_(model, source, only=[model.embed.wte.weight], **fill)
             placeholders_(model)  # stages are cut by parameter count; only the kept layers get memory
         model = to_pipeline_module(model, cfg, dims, loss_fn)
-    if on_meta or source is not None:
-        source = source or InitSource(seed=cfg.train.seed, std=cfg.model.init_std, num_layers=cfg.model.num_layers)
-        tp_rank, tp_size = (dims.tp_rank, dims.tp) if dims is not None else (0, 1)
-        materialize_(model, source, tp_rank=tp_rank, tp_size=tp_size, device=device or torch.device("cpu"),
-                     overwrite=source is not None and not on_meta)
+    if source is not None:
+        materialize_(model, source, **fill)
     register_sequence_parallel_hooks(model)
     return model

@@ -1,0 +1,163 @@
+"""Checkpoint I/O: save/load GB/s of megatrain's layout-free format vs torch.save and safetensors.save_file
+of the same bytes (side by side, one run), and peak RSS per rank when a ~1B-parameter Hugging Face
+checkpoint (random weights written by transformers) is loaded into tp=2 × pp=2 on CPU.
+
+    python benchmarks/bench_checkpoint.py [--io-params 2e8] [--hf-size 1b|tiny] [--skip-rss]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+SIZES = {  # Llama-3.2-1B shape (1.24B params) and a tiny one for a quick check
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True),
+}
+
+
+def _drop_cache(path: str) -> None:
+    """Best effort: evict a file from the page cache so load timings read the disk path we control."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    except (OSError, AttributeError):
+        pass
+
+
+def io_table(n_params: int, out: str) -> list[dict]:
+    from safetensors.torch import load_file, save_file
+
+    from megatrain.checkpoint.store import CheckpointSource, FORMAT, atomic_write_text, write_tensors
+    n_tensors = 64
+    tensors = {f"layers.{i}.w": torch.randn(n_params // n_tensors) for i in range(n_tensors)}
+    gb = sum(t.numel() * 4 for t in tensors.values()) / 1e9
+    rows = []
+    for name in ("megatrain layout-free", "safetensors.save_file", "torch.save"):
+        d = tempfile.mkdtemp(dir=out)
+        path = os.path.join(d, "model-s0.safetensors" if name != "torch.save" else "model.pt")
+        t0 = time.perf_counter()
+        if name == "megatrain layout-free":  # includes checksums, fsync and the manifest
+            entry = write_tensors(path, tensors)
+            atomic_write_text(os.path.join(d, "manifest.json"), json.dumps(
+                {"format": FORMAT, "step": 0, "files": {"model-s0.safetensors": entry}}))
+        elif name == "safetensors.save_file":
+            save_file(tensors, path)
+        else:
+            torch.save(tensors, path)
+        save_s = time.perf_counter() - t0
+        _drop_cache(path)
+        t0 = time.perf_counter()
+        if name == "megatrain layout-free":
+            src = CheckpointSource(d)
+            loaded = {k: src.tensor(k) for k in tensors}
+        elif name == "safetensors.save_file":
+            loaded = load_file(path)
+        else:
+            loaded = torch.load(path, weights_only=True)
+        total = sum(float(t[0]) for t in loaded.values())  # touch the data (safetensors maps lazily)
+        load_s = time.perf_counter() - t0
+        assert total == total
+        rows.append({"writer": name, "GB": gb, "save_s": save_s, "load_s": load_s, "save_GBps": gb / save_s,
+                     "load_GBps": gb / load_s})
+        shutil.rmtree(d)
+    return rows
+
+
+def _rank_load(hf_dir: str) -> None:
+    """One rank: build the model on meta, shard tp×pp, materialise this rank's tensors from HF; report RSS."""
+    from megatrain.config import build_config
+    from megatrain.dist.dims import build_parallel_dims
+    from megatrain.dist.env import init_distributed
+    from megatrain.interop.hf import HFSource, model_config_from_hf
+    from megatrain.models.transformer import build_transformer
+    from megatrain.parallelize import parallelize
+    rank, world, _ = init_distributed()
+    cfg = build_config({"parallel": {"tp": 2, "pp": 2}, "train": {"global_batch_size": 2, "micro_batch_size": 1}})
+    cfg.model = model_config_from_hf(hf_dir, base=cfg.model)
+    dims = build_parallel_dims(tp=2, pp=2, dp=world // 4)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    model = parallelize(build_transformer(cfg.model, meta=True), cfg, dims, loss_fn=lambda x, y: x.sum(),
+                        source=HFSource(hf_dir, cfg.model))
+    local = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rank": rank, "local_params": local, "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024,
+                      "load_s": time.perf_counter() - t0}), flush=True)
+
+
+def rss_table(size: str, out: str) -> dict:
+    import transformers
+
+    from megatrain.testing import run_ranks
+    hf_dir = os.path.join(out, f"hf_{size}")
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        cfg = transformers.LlamaConfig(max_position_embeddings=2048, **SIZES[size])
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(cfg)
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        model.save_pretrained(hf_dir, max_shard_size="2GB")
+        del model
+    n = sum(json.load(open(os.path.join(hf_dir, "model.safetensors.index.json")))["weight_map"].__len__() for _ in [0]) \
+        if os.path.isfile(os.path.join(hf_dir, "model.safetensors.index.json")) else None
+    results = run_ranks(4, [os.path.abspath(__file__), "--rank-load", hf_dir], timeout=1800)
+    ranks = [json.loads(line) for r in results for line in r.stdout.splitlines() if line.startswith("{")]
+    total_bytes = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    return {"hf_size": size, "checkpoint_GB": total_bytes / 1e9, "hf_tensors": n, "ranks": ranks}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--io-params", type=float, default=2e8)
+    parser.add_argument("--hf-size", choices=sorted(SIZES), default="1b")
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--workdir", default=None, help="where the generated checkpoints go (default: a temp dir)")
+    parser.add_argument("--rank-load", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="benchmarks/results/bench_checkpoint.json")
+    args = parser.parse_args()
+    if args.rank_load:
+        return _rank_load(args.rank_load)
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_ckpt_")
+    os.makedirs(work, exist_ok=True)
+    rows = io_table(int(args.io_params), work)
+    print(f"\n{'writer':24s} {'GB':>6s} {'save s':>8s} {'save GB/s':>10s} {'load s':>8s} {'load GB/s':>10s}")
+    for r in rows:
+        print(f"{r['writer']:24s} {r['GB']:6.2f} {r['save_s']:8.2f} {r['save_GBps']:10.2f} {r['load_s']:8.2f} {r['load_GBps']:10.2f}")
+    result = {"benchmark": "bench_checkpoint", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "io": rows}
+    if not args.skip_rss:
+        rss = rss_table(args.hf_size, work)
+        result["rss"] = rss
+        print(f"\nloading a {rss['checkpoint_GB']:.2f} GB HF checkpoint ({args.hf_size}) into tp=2 x pp=2 (4 CPU ranks)")
+        print(f"{'rank':>4s} {'local params':>14s} {'local GB fp32':>14s} {'peak RSS GB':>12s} {'load s':>8s}")
+        for r in sorted(rss["ranks"], key=lambda r: r["rank"]):
+            print(f"{r['rank']:4d} {r['local_params']:14,d} {r['local_params'] * 4 / 1e9:14.2f} "
+                  f"{r['peak_rss_mb'] / 1024:12.2f} {r['load_s']:8.1f}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
