@@ -38,7 +38,7 @@ def run_ranks(world_size: int, argv: list[str], *, timeout: float = 300, env: di
     for rank in range(world_size):
         penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                 "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # DS_ACCELERATOR: set by megatrain when CUDA is absent
         penv["PYTHONPATH"] = ROOT + os.pathsep + penv.get("PYTHONPATH", "")
         procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=penv, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
