@@ -77,7 +77,8 @@ def main():
     prepare_corpus(cfg.data, seed=cfg.train.seed)
     trainer = Trainer(cfg)
     from megatrain.data.sampler import GlobalBatchSampler
-    model = trainer.task.build_model().to(trainer.device)
+    from megatrain.models.transformer import build_transformer
+    model = build_transformer(cfg.model, seed=cfg.train.seed).to(trainer.device)  # same init as the Trainer's
     ds = trainer.train_data
     bare = bare_loop(cfg, model, ds, GlobalBatchSampler(len(ds), cfg.train.global_batch_size, cfg.train.seed),
                      trainer.device)

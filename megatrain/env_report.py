@@ -30,3 +30,9 @@ def report_rows() -> list[tuple[str, str]]:
 def print_report() -> None:
     for key, value in report_rows():
         print(f"{key:22s} {value}")
+    try:
+        from megatrain.ops.extensions import format_report
+        print()
+        print(format_report())
+    except ImportError as err:
+        print(f"C++/CUDA extensions: report unavailable ({err})")

@@ -22,7 +22,7 @@ from megatrain.checkpoint.store import (FORMAT, CheckpointError, CheckpointSourc
                                         read_manifest, tag_for, verify_file, write_tensors)
 
 # model.* fields that decide tensor shapes: a checkpoint loads only into a model that agrees on them
-SHAPE_FIELDS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+SHAPE_FIELDS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
                 "max_seq_len", "tie_embeddings", "num_classes", "in_channels", "widths", "blocks_per_stage", "block",
                 "bidirectional", "task")
 

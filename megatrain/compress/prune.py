@@ -139,10 +139,10 @@ def pruned_model_config(m: ModelConfig, new: Sizes) -> ModelConfig:
         # Removing heads keeps head_dim, so num_heads·head_dim is no longer hidden_size: the config must
         # record head_dim explicitly.
         if "head_dim" not in ModelConfig.model_fields:
-            raise ValueError(f"prune.heads: {new.num_heads} heads of dim {m.head_dim} no longer fill "
+            raise ValueError(f"prune.heads: {new.num_heads} heads of dim {m.attn_head_dim} no longer fill "
                              f"model.hidden_size={m.hidden_size}, and this megatrain's ModelConfig has no head_dim "
                              "field to record that; set prune.heads=0 (MLP/depth pruning works)")
-        fields["head_dim"] = m.head_dim
+        fields["head_dim"] = m.attn_head_dim
     return ModelConfig(**fields)
 
 

@@ -22,6 +22,8 @@ class ModelConfig(Section):
     num_layers: int = Field(2, gt=0, description="Transformer blocks / RNN layers.")
     num_heads: int = Field(4, gt=0, description="Attention query heads.")
     num_kv_heads: Optional[int] = Field(None, gt=0, description="Key/value heads (GQA); None = num_heads.")
+    head_dim: Optional[int] = Field(
+        None, gt=0, description="Per-head width; None = hidden_size / num_heads (set when heads were pruned).")
     ffn_hidden_size: Optional[int] = Field(
         None, gt=0, description="MLP inner width; None = 4*hidden (gpt2) or 8/3*hidden rounded to 64 (llama).")
     max_seq_len: int = Field(256, gt=0, description="Context length (learned positions for gpt2, RoPE table for llama).")
@@ -55,9 +57,11 @@ class ModelConfig(Section):
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
 
+
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def attn_head_dim(self) -> int:
+        """Per-head width: model.head_dim, or hidden_size / num_heads."""
+        return self.head_dim or self.hidden_size // self.num_heads
 
     @property
     def ffn_size(self) -> int:
@@ -74,14 +78,14 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         if self.is_transformer:
-            if self.hidden_size % self.num_heads:
+            if self.head_dim is None and self.hidden_size % self.num_heads:
                 raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
                                  f"{self.num_heads}; choose num_heads dividing hidden_size")
             if self.num_heads % self.kv_heads:
                 raise ValueError(f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads="
                                  f"{self.kv_heads}; choose num_kv_heads dividing num_heads")
-            if self.arch == "llama" and self.head_dim % 2:
-                raise ValueError(f"model: head_dim={self.head_dim} must be even for RoPE; change hidden_size/num_heads")
+            if self.arch == "llama" and self.attn_head_dim % 2:
+                raise ValueError(f"model: head_dim={self.attn_head_dim} must be even for RoPE; change hidden_size/num_heads")
         return self
 
 

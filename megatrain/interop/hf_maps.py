@@ -25,8 +25,7 @@ def model_fields_from_hf(hf: dict) -> dict:
                     tie_embeddings=hf.get("tie_word_embeddings", True))
     if kind == "llama":
         heads = hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-            raise ValueError(f"HF config head_dim={hf['head_dim']} differs from hidden_size/num_heads; not supported")
+        head_dim = hf.get("head_dim")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             raise ValueError("HF Llama config with attention_bias/mlp_bias=true is not supported by megatrain's llama")
         return dict(arch="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -34,12 +33,16 @@ def model_fields_from_hf(hf: dict) -> dict:
                     num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
                     max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
                     rope_theta=hf.get("rope_theta", 10000.0), rope_scaling=hf.get("rope_scaling"),
-                    tie_embeddings=hf.get("tie_word_embeddings", False))
+                    tie_embeddings=hf.get("tie_word_embeddings", False),
+                    head_dim=head_dim if head_dim not in (None, hf["hidden_size"] // heads) else None)
     raise ValueError(f"HF model_type={kind!r} is not supported; megatrain maps gpt2 and llama")
 
 
 def hf_config_from_model(cfg: ModelConfig) -> dict:
     if cfg.arch == "gpt2":
+        if cfg.attn_head_dim * cfg.num_heads != cfg.hidden_size:
+            raise ValueError(f"model.head_dim={cfg.head_dim}: Hugging Face GPT-2 needs num_heads*head_dim == hidden_size "
+                             "(heads were pruned); keep the megatrain checkpoint or prune MLP/depth only")
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
                     n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_size,
                     n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
@@ -50,7 +53,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict:
                     num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.ffn_size,
                     max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
                     rope_scaling=cfg.rope_scaling, tie_word_embeddings=cfg.tied, hidden_act="silu",
-                    attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim)
+                    attention_bias=False, mlp_bias=False, head_dim=cfg.attn_head_dim)
     raise ValueError(f"model.arch={cfg.arch} has no Hugging Face equivalent; export supports gpt2 and llama")
 
 

@@ -54,7 +54,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         bias = cfg.arch == "gpt2"
-        h, d = cfg.hidden_size, cfg.head_dim
+        h, d = cfg.hidden_size, cfg.attn_head_dim
         self.head_dim = d
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=bias)
         self.k_proj = nn.Linear(h, cfg.kv_heads * d, bias=bias)
@@ -176,7 +176,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     N_matmul counts every weight that takes part in a matrix multiply (projections, MLP, LM head),
     so it is exact for the dense work; the attention term counts QKᵀ and AV over the full T×T square
     (causal masking is not subtracted, as in PaLM's MFU)."""
-    h, d, L = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+    h, d, L = cfg.hidden_size, cfg.attn_head_dim, cfg.num_layers
     attn = h * cfg.num_heads * d * 2 + h * cfg.kv_heads * d * 2  # q, o, k, v
     mlp = h * cfg.ffn_size * (3 if cfg.arch == "llama" else 2)
     n_matmul = L * (attn + mlp) + h * cfg.vocab_size

@@ -28,7 +28,7 @@ def _ids(seed=0):
 def test_removing_zero_units_is_exact(fields):
     model, cfg = _model(fields)
     ids = _ids()
-    d = cfg.head_dim
+    d = cfg.attn_head_dim
     with torch.no_grad():
         for block in model.layers:  # zero MLP channels 1, 5 (their down columns) and query head 1 (its o columns)
             block.mlp.down_proj.weight[:, [1, 5]] = 0
@@ -59,7 +59,7 @@ def test_removing_zero_units_is_exact(fields):
 def test_removing_heads_equals_masking_them(fields, keep_q, keep_kv):
     model, cfg = _model(fields)
     ids = _ids(1)
-    d = cfg.head_dim
+    d = cfg.attn_head_dim
     masked = [h for h in range(cfg.num_heads) if h not in keep_q]
 
     def mask_heads(_mod, args):  # reference: the removed heads' outputs are zero before o_proj
@@ -81,7 +81,7 @@ def test_removing_heads_equals_masking_them(fields, keep_q, keep_kv):
 
 def test_importance_matches_hand_computation():
     model, cfg = _model(dict(LLAMA, num_layers=1))
-    blk, d = model.layers[0], cfg.head_dim
+    blk, d = model.layers[0], cfg.attn_head_dim
     a, m = blk.attn, blk.mlp
     l1, l2 = magnitude_scores(model, kind="l1"), magnitude_scores(model, kind="l2")
     # query head 1: its q rows and o columns

@@ -20,7 +20,7 @@ def llama_cfg(**kw):
 
 def expected_params(cfg: ModelConfig) -> int:
     h, f, v, L = cfg.hidden_size, cfg.ffn_size, cfg.vocab_size, cfg.num_layers
-    kv = cfg.kv_heads * cfg.head_dim
+    kv = cfg.kv_heads * cfg.attn_head_dim
     if cfg.arch == "gpt2":
         per_layer = (h * h + h) * 2 + (h * kv + kv) * 2 + (h * f + f) + (f * h + h) + 4 * h
         return v * h + cfg.max_seq_len * h + L * per_layer + 2 * h + (0 if cfg.tied else v * h)
