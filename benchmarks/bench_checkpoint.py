@@ -78,6 +78,16 @@ def io_table(n_params: int, out: str) -> list[dict]:
     return rows
 
 
+def _peak_rss_mb() -> float:
+    """VmHWM: peak resident set of this address space (ru_maxrss survives exec on Linux, so a child
+    started by a big parent would report the parent's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _rank_load(hf_dir: str) -> None:
     """One rank: build the model on meta, shard tp×pp, materialise this rank's tensors from HF; report RSS."""
     from megatrain.config import build_config
@@ -90,13 +100,13 @@ def _rank_load(hf_dir: str) -> None:
     cfg = build_config({"parallel": {"tp": 2, "pp": 2}, "train": {"global_batch_size": 2, "micro_batch_size": 1}})
     cfg.model = model_config_from_hf(hf_dir, base=cfg.model)
     dims = build_parallel_dims(tp=2, pp=2, dp=world // 4)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss_mb()
     t0 = time.perf_counter()
     model = parallelize(build_transformer(cfg.model, meta=True), cfg, dims, loss_fn=lambda x, y: x.sum(),
                         source=HFSource(hf_dir, cfg.model))
     local = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rank": rank, "local_params": local, "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024,
+    peak = _peak_rss_mb()
+    print(json.dumps({"rank": rank, "local_params": local, "rss_before_mb": before, "peak_rss_mb": peak,
                       "load_s": time.perf_counter() - t0}), flush=True)
 
 
@@ -146,10 +156,10 @@ def main():
         rss = rss_table(args.hf_size, work)
         result["rss"] = rss
         print(f"\nloading a {rss['checkpoint_GB']:.2f} GB HF checkpoint ({args.hf_size}) into tp=2 x pp=2 (4 CPU ranks)")
-        print(f"{'rank':>4s} {'local params':>14s} {'local GB fp32':>14s} {'peak RSS GB':>12s} {'load s':>8s}")
+        print(f"{'rank':>4s} {'local params':>14s} {'local GB fp32':>14s} {'RSS before GB':>14s} {'peak RSS GB':>12s} {'load s':>8s}")
         for r in sorted(rss["ranks"], key=lambda r: r["rank"]):
             print(f"{r['rank']:4d} {r['local_params']:14,d} {r['local_params'] * 4 / 1e9:14.2f} "
-                  f"{r['peak_rss_mb'] / 1024:12.2f} {r['load_s']:8.1f}")
+                  f"{r['rss_before_mb'] / 1024:14.2f} {r['peak_rss_mb'] / 1024:12.2f} {r['load_s']:8.1f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump(result, f, indent=1)

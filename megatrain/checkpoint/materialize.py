@@ -34,6 +34,20 @@ class InitSource:
         return init_tensor(name, shape, seed=self.seed, std=self.std, num_layers=self.num_layers)
 
 
+def _row_shard(source, p, name: str, tp_rank: int, tp_size: int) -> torch.Tensor | None:
+    """This rank's rows read straight from the file for dim-0 shards, or None (read whole, then slice)."""
+    if tp_size == 1 or getattr(p, "tp_dim", None) != 0 or not hasattr(source, "rows"):
+        return None
+    logical = tuple(getattr(p, "logical_shape", p.shape))
+    per = (getattr(p, "tp_padded", None) or logical[0]) // tp_size
+    part = source.rows(name, tp_rank * per, (tp_rank + 1) * per)
+    if part is None:
+        return None
+    if part.shape[0] < per:  # vocabulary padding rows past the real vocabulary
+        part = torch.cat([part, part.new_zeros(per - part.shape[0], *part.shape[1:])])
+    return part
+
+
 def swap_parameters_(model: nn.Module, make: Callable[[nn.Parameter], torch.Tensor], *, only=None) -> None:
     """Replace parameters (all, or those whose id is in ``only``) with ``nn.Parameter(make(old))``."""
     memo: dict[int, nn.Parameter] = {}
@@ -77,9 +91,12 @@ def materialize_(model: nn.Module, source: TensorSource, *, tp_rank: int, tp_siz
         name = getattr(p, "logical_name", None)
         if name is None:
             raise ValueError("materialize: a parameter has no logical name (built outside parallelize?)")
-        full = source.tensor(name, tuple(getattr(p, "logical_shape", p.shape)))
         p.__dict__.pop("stand_in", None)
-        return shard_of(full, p, tp_rank, tp_size).to(device=device, dtype=dtype).contiguous()
+        part = _row_shard(source, p, name, tp_rank, tp_size)
+        if part is None:
+            full = source.tensor(name, tuple(getattr(p, "logical_shape", p.shape)))
+            part = shard_of(full, p, tp_rank, tp_size)
+        return part.to(device=device, dtype=dtype).contiguous()
 
     swap_parameters_(model, make, only=todo)
     return count

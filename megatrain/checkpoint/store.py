@@ -171,10 +171,10 @@ def rotate(ckpt_dir: str, *, keep_last: int, newest: str) -> None:
 
 
 class CheckpointSource:
-    """Full logical tensors from a checkpoint's model files (one tensor in memory at a time)."""
+    """Full logical tensors (or row ranges) from a checkpoint's files, read without mapping the files."""
 
     def __init__(self, step_dir: str, manifest: dict | None = None, *, prefix: str = "model"):
-        from safetensors import safe_open
+        from megatrain.checkpoint.reader import SafetensorsReader
         self.step_dir = step_dir
         self.manifest = manifest or read_manifest(step_dir)
         self.where: dict[str, str] = {}
@@ -182,17 +182,24 @@ class CheckpointSource:
             if fname.startswith(prefix):
                 for name in entry["tensors"]:
                     self.where[name] = fname
-        self._open = {f: safe_open(os.path.join(step_dir, f), framework="pt") for f in set(self.where.values())}
+        self._open = {f: SafetensorsReader(os.path.join(step_dir, f)) for f in set(self.where.values())}
 
     def has(self, name: str) -> bool:
         return name in self.where
 
-    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    def _reader(self, name: str):
         if name not in self.where:
             raise CheckpointError(f"checkpoint {self.step_dir} has no tensor {name!r}; it was written for a "
                                   "different model (check model.* against its manifest)")
-        t = self._open[self.where[name]].get_tensor(name)
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"checkpoint {self.step_dir}: tensor {name!r} has shape {tuple(t.shape)}, the model "
-                                  f"expects {tuple(shape)}; the config's model sizes differ from the checkpoint's")
-        return t
+        return self._open[self.where[name]]
+
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        reader = self._reader(name)
+        if shape is not None and reader.shape(name) != tuple(shape):
+            raise CheckpointError(f"checkpoint {self.step_dir}: tensor {name!r} has shape {reader.shape(name)}, the "
+                                  f"model expects {tuple(shape)}; the config's model sizes differ from the checkpoint's")
+        return reader.read(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the first dimension (fewer at the end of the tensor)."""
+        return self._reader(name).read(name, rows=(start, stop))

@@ -40,7 +40,7 @@ class HFSource:
     """Full megatrain tensors computed from the HF tensors of a local directory, one at a time."""
 
     def __init__(self, path: str, model_cfg: ModelConfig):
-        from safetensors import safe_open
+        from megatrain.checkpoint.reader import SafetensorsReader
         self.path, self.cfg = path, model_cfg
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
@@ -57,15 +57,22 @@ class HFSource:
             fpath = os.path.join(path, fname)
             if not os.path.isfile(fpath):
                 raise ValueError(f"model.from_hf={path}: shard {fname} listed in the index is missing")
-            self._files[fname] = safe_open(fpath, framework="pt")
+            self._files[fname] = SafetensorsReader(fpath)
         self._where = weight_map or {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
         self._map = from_hf_map(model_cfg)
 
-    def _hf(self, hf_name: str) -> torch.Tensor:
+    def _hf(self, hf_name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         for candidate in (hf_name, hf_name.removeprefix("transformer."), hf_name.removeprefix("model.")):
             if candidate in self._where:  # GPT2Model/LlamaModel checkpoints lack the LM wrapper's prefix
-                return self._files[self._where[candidate]].get_tensor(candidate)
+                return self._files[self._where[candidate]].read(candidate, rows=rows).float()
         raise ValueError(f"model.from_hf={self.path}: tensor {hf_name!r} not found in the checkpoint")
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Rows of tensors HF stores as-is (Llama's, GPT-2's embeddings); None when a transform is needed."""
+        hf_name, fn = self._map[name]
+        if getattr(fn, "identity", False):
+            return self._hf(hf_name, rows=(start, stop))
+        return None
 
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if name not in self._map:
