@@ -22,6 +22,8 @@ import zlib
 
 import torch
 
+from megatrain.fsutil import atomic_write_text, fsync_dir  # noqa: F401 (re-exported)
+
 FORMAT = "megatrain-checkpoint/1"
 _TAG = re.compile(r"^step_(\d{8})$")
 
@@ -32,24 +34,6 @@ class CheckpointError(ValueError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def crc32_of(t: torch.Tensor) -> int:

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from megatrain.config.schema import ModelConfig
+from megatrain.fsutil import atomic_write_text
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
 
@@ -34,15 +35,6 @@ def save_model(out_dir: str, model: torch.nn.Module, model_cfg: ModelConfig, *, 
     doc = {"model": model_cfg.model_dump(mode="json"), **(extra or {})}
     atomic_write_text(os.path.join(out_dir, CONFIG_FILE), yaml.safe_dump(doc, sort_keys=False))
     return out_dir
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _step_dir(path: str) -> str | None:

@@ -15,7 +15,7 @@ import time
 import torch
 from torch.utils.data import default_collate
 
-from megatrain.compress.io import atomic_write_text
+from megatrain.fsutil import atomic_write_text
 from megatrain.config.schema import Config, ModelConfig
 from megatrain.dist.env import device as current_device
 from megatrain.models.transformer import flops_per_token

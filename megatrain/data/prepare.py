@@ -25,6 +25,7 @@ from megatrain.data.clean import Cleaner
 from megatrain.data.indexed import CorruptShardError, ShardReader, ShardWriter, token_dtype
 from megatrain.data.sources import SourceStats, check_sources, describe_sources, iter_documents
 from megatrain.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from megatrain.fsutil import fsync_dir
 
 log = logging.getLogger("megatrain.data")
 
@@ -341,24 +342,16 @@ def _atomic_swap(tmp: str, out_dir: str) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the data dir should read like any other
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     parent = os.path.dirname(out_dir)
     old = None
     if os.path.exists(out_dir):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
         os.rename(out_dir, os.path.join(old, "d"))
     os.rename(tmp, out_dir)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: str, obj: dict) -> None:

@@ -14,7 +14,7 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, group, vocab_size, ignore_index, smoothing):
         # logits: (N, V/tp) local shard, labels: (N,) global ids
-        n_ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+        rank = dist.get_rank(group)
         per = logits.shape[-1]
         start = rank * per
         x = logits.float()

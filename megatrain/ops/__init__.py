@@ -19,7 +19,7 @@ __all__ = [
     "current_config", "layer_norm", "rms_norm", "rope_cache", "swiglu",
 ]
 
-from megatrain.ops.adamw import make_adamw  # noqa: E402
+from megatrain.ops.adamw import make_adamw  # noqa: E402,F401  (public: megatrain.ops.make_adamw)
 
 # C++/CUDA providers register themselves when the extension module is importable.
 try:  # noqa: SIM105

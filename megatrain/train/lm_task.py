@@ -1,9 +1,7 @@
 """Next-token language modelling on prepared token shards (Transformers and RNN LMs)."""
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import torch
 from torch import nn
@@ -13,12 +11,8 @@ from megatrain.config.schema import Config
 
 
 def read_vocab_size(data_path: str) -> int:
-    meta = os.path.join(data_path, "meta.json")
-    if not os.path.isfile(meta):
-        raise ValueError(f"data.path={data_path}: no meta.json; run `python launch/prepare.py --config ...` first "
-                         "or set model.vocab_size")
-    with open(meta, encoding="utf-8") as f:
-        return int(json.load(f)["vocab_size"])
+    from megatrain.data.prepare import read_meta
+    return int(read_meta(data_path)["vocab_size"])
 
 
 class LanguageModelingTask:

@@ -18,7 +18,7 @@ from megatrain.config import Config, resolve_layout, to_deepspeed
 from megatrain.dist import comm_counter
 from megatrain.dist.env import device as current_device
 from megatrain.dist.env import init_distributed
-from megatrain.checkpoint.store import atomic_write_text
+from megatrain.fsutil import atomic_write_text
 from megatrain.train.logging import RunLogger
 from megatrain.train.regularization import param_groups, penalty
 from megatrain.train.schedules import lr_multiplier
