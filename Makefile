@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 # CPU machines take the CPU build of torch (an unpinned torch pulls a multi-GB CUDA build).
 TORCH_CPU := torch==2.13.0
 DEEPSPEED := deepspeed==0.19.8
-export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
+# JIT-built ops (DeepSpeed's CPU shared-memory comm, megatrain's C++ AdamW) live inside this checkout's venv:
+# a fresh clone never shares (or waits on the lock of) another checkout's half-finished build.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: venv install demo test test-fast clean
 
@@ -18,6 +20,7 @@ $(VENV)/.installed: $(BIN)/python setup.py
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; else $(BIN)/pip install -q $(TORCH_CPU); fi
 	$(BIN)/pip install -q $(DEEPSPEED) triton ninja pytest
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m megatrain.warmup
 	touch $@
 
 venv install: $(VENV)/.installed
@@ -26,7 +29,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m megatrain.demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=25
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests -m "not slow"

@@ -37,7 +37,7 @@ def tag_for(step: int) -> str:
 
 
 def crc32_of(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().view(torch.uint8).reshape(-1).numpy()) if t.numel() else 0
+    return zlib.crc32(t.reshape(-1).contiguous().view(torch.uint8).numpy()) if t.numel() else 0  # 0-dim too
 
 
 def write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict:

@@ -46,6 +46,16 @@ class LanguageModelingTask:
             return None
         return PackedTokenDataset(self.cfg.data.path, "val", self.cfg.seq_len)
 
+    def validation_for(self, data_path: str):
+        """The validation split of another prepared corpus (continual training tracks forgetting on it)."""
+        from megatrain.data.dataset import PackedTokenDataset
+        from megatrain.data.prepare import read_meta
+        meta = read_meta(data_path)
+        if meta["vocab_size"] != self.cfg.model.vocab_size:
+            raise ValueError(f"eval.old_data={data_path} has vocab_size={meta['vocab_size']}, the model "
+                             f"{self.cfg.model.vocab_size}; prepare it with the same tokenizer (data.tokenizer)")
+        return PackedTokenDataset(data_path, "val", self.cfg.seq_len)
+
     def loss_and_stats(self, model, batch):
         logits = model(batch["input_ids"])  # (B, T, V)
         return self.loss_from_logits(logits, batch)

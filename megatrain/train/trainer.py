@@ -67,6 +67,7 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = self._deepspeed(model, mpu)
         self.train_data = task.train_dataset()
         self.val_data = task.val_dataset()
+        self.old_val_data = self._old_validation()
         from megatrain.data.sampler import GlobalBatchSampler
         self.sampler = GlobalBatchSampler(len(self.train_data), cfg.train.global_batch_size, cfg.train.seed)
         self.step = 0
@@ -94,6 +95,15 @@ class Trainer:
         engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                      config=ds_config, mpu=mpu)
         return engine, opt, sched
+
+    def _old_validation(self):
+        """eval.old_data: the validation split of the data a continued run was first trained on."""
+        old = self.cfg.eval.old_data
+        if not old:
+            return None
+        if not hasattr(self.task, "validation_for"):
+            raise ValueError(f"eval.old_data is supported for language modelling; model.task={self.cfg.model.task}")
+        return self.task.validation_for(old)
 
     def _open_resume(self):
         from megatrain.checkpoint.layout_free import open_resume
@@ -145,12 +155,12 @@ class Trainer:
     def _reduce(stats: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:
         """Sum statistics over ``group`` in one collective (counts, not averages, are summed)."""
         keys = sorted(stats)
-        flat = torch.cat([stats[k].float().reshape(-1) for k in keys])
+        flat = torch.cat([stats[k].double().reshape(-1) for k in keys])  # fp64: exact counts past 2^24 tokens
         dist.all_reduce(flat, group=group)
         out, i = {}, 0
         for k in keys:
             n = stats[k].numel()
-            out[k] = flat[i:i + n].reshape(stats[k].shape)
+            out[k] = flat[i:i + n].reshape(stats[k].shape).float()
             i += n
         return out
 
@@ -208,11 +218,23 @@ class Trainer:
         return self.task.summarize({"loss_sum": loss * count, "count": count}), tokens
 
     @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Average floating buffers (BatchNorm running statistics) over data-parallel ranks, so evaluation
+        and checkpoints see one model rather than each rank's own statistics."""
+        if self.dims.dp == 1:
+            return
+        for buf in self.engine.module.buffers():
+            if buf.is_floating_point() and buf.numel():
+                dist.all_reduce(buf, group=self.dims.dp_group)
+                buf.div_(self.dims.dp)
+
+    @torch.no_grad()
     def evaluate(self, dataset=None, *, max_batches: int | None = None) -> dict[str, float]:
         """Validation metrics over the first ``eval_batches`` micro-batches per rank, summed over dp."""
         dataset = dataset if dataset is not None else self.val_data
         if dataset is None or len(dataset) == 0:
             return {}
+        self.sync_buffers()
         dims, micro = self.dims, self.layout.micro_batch_size
         n_batches = max_batches or self.cfg.train.eval_batches
         if self.pipelined:
@@ -250,6 +272,7 @@ class Trainer:
 
     def save(self) -> str:
         from megatrain.checkpoint.layout_free import save_checkpoint
+        self.sync_buffers()
         state = {"seed": self.cfg.train.seed, "consumed_samples": self.step * self.layout.global_batch_size,
                  "layout": self.layout.__dict__, "config": self.cfg.model_dump(mode="json"),
                  "rng": "re-derived per (train.seed, step, dp rank)"}
@@ -293,6 +316,8 @@ class Trainer:
                 every = cfg.train.eval_every
                 if self.val_data is not None and ((every and self.step % every == 0) or self.step == cfg.train.max_steps):
                     record.update({f"val_{k}": v for k, v in self.evaluate().items()})
+                    if self.old_val_data is not None:  # continual training: forgetting on the old data
+                        record.update({f"old_val_{k}": v for k, v in self.evaluate(self.old_val_data).items()})
                 if self.step % cfg.train.log_every == 0 or "val_loss" in record or self.step == cfg.train.max_steps:
                     logger.log(record)
                 last = record

@@ -1,0 +1,31 @@
+"""Build the JIT ops once, sequentially, at install time (`make install` runs this).
+
+Otherwise the first training ranks all start the same compile at once and wait on one lock; a build
+killed half way would leave that lock behind and every later run waiting on it. Run it again any time:
+builds are cached, so it returns in seconds."""
+from __future__ import annotations
+
+import time
+
+import megatrain  # noqa: F401  (chooses the DeepSpeed accelerator first)
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    try:
+        from deepspeed.comm.torch import build_shm_op
+        status = "built" if build_shm_op() is not None else "not used on this machine"
+    except Exception as err:  # a missing compiler: DeepSpeed then falls back to plain gloo collectives
+        status = f"unavailable ({err.__class__.__name__}: {err})".splitlines()[0]
+    print(f"warmup: DeepSpeed shared-memory comm op: {status}")
+    try:
+        from megatrain.ops import extensions
+        ok = extensions.load("cpu_adam")
+        print(f"warmup: megatrain C++ CPU AdamW: {'ready' if ok else 'unavailable (torch AdamW is used)'}")
+    except Exception as err:
+        print(f"warmup: megatrain C++ CPU AdamW unavailable ({err.__class__.__name__}); torch AdamW is used")
+    print(f"warmup: done in {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
