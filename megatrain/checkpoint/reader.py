@@ -48,7 +48,7 @@ class SafetensorsReader:
             r0, r1 = max(0, min(rows[0], shape[0])), max(0, min(rows[1], shape[0]))
             start, stop, shape[0] = start + r0 * row_bytes, start + r1 * row_bytes, r1 - r0
         out = torch.empty(shape, dtype=dtype)
-        buf = out.view(torch.uint8).reshape(-1).numpy() if out.numel() else None
+        buf = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None  # 0-dim tensors too
         if buf is not None:
             with open(self.path, "rb") as f:
                 f.seek(self.base + start)
