@@ -87,7 +87,7 @@ def test_two_rank_aggregation_equals_sklearn_on_all():
         out_file = os.path.join(d, "out.pt")
         mp.start_processes(_rank_main, args=(2, os.path.join(d, "rdzv"), y, p, out_file), nprocs=2,
                            start_method="spawn")
-        got = torch.load(out_file)
+        got = torch.load(out_file, weights_only=True)
     assert got["count"].item() == 300 and got["loss_sum"].item() == pytest.approx(150.0)
     assert got["confusion"].dtype == torch.long
     np.testing.assert_array_equal(got["confusion"].numpy(), skm.confusion_matrix(y, p, labels=range(5)))
