@@ -41,6 +41,21 @@ class _AdamWBase(torch.optim.Optimizer):
     def _zeros_state(self, p: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for (step, dtype), items in self._buckets(group).items():
+                self._update(group, step, dtype, items)
+        return loss
+
+    def _update(self, group, step: int, dtype: torch.dtype, items) -> None:
+        """One backend call over ``items`` [(param, grad, exp_avg, exp_avg_sq)] sharing step and dtype."""
+        raise NotImplementedError
+
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts loaded state to each param's dtype; the moments here stay fp32 even for bf16/fp16
         # params (a bf16 round trip would lose their precision), so keep the saved fp32 tensors
@@ -81,29 +96,21 @@ class CPUAdamW(_AdamWBase):
             raise ValueError(f"bf16 copy must be a contiguous bfloat16 tensor of shape {tuple(param.shape)}")
         self._bf16[param] = copy
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for (step, dtype), items in self._buckets(group).items():
-                if dtype != torch.float32 or items[0][0].device.type != "cpu":
-                    raise ValueError(f"CPUAdamW takes fp32 CPU params (got {dtype} on {items[0][0].device}); "
-                                     "keep fp32 master weights on CPU or use torch.optim.AdamW")
-                params = [p for p, *_ in items]
-                if not all(p.is_contiguous() for p in params):
-                    raise ValueError("CPUAdamW needs contiguous params (ZeRO's flat partitions are); "
-                                     "call .contiguous() on the model's params")
-                grads = [g.float().contiguous() for _, g, _, _ in items]  # no copy when already fp32 contiguous
-                copies = [self._bf16.get(p) for p in params]
-                self._ops.adamw_step(params, grads, [m for *_, m, _ in items], [v for *_, v in items],
-                                     copies if any(c is not None for c in copies) else [],
-                                     float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], step,
-                                     self.num_threads, self.isa)
-        return loss
+    def _update(self, group, step: int, dtype: torch.dtype, items) -> None:
+        beta1, beta2 = group["betas"]
+        if dtype != torch.float32 or items[0][0].device.type != "cpu":
+            raise ValueError(f"CPUAdamW takes fp32 CPU params (got {dtype} on {items[0][0].device}); "
+                             "keep fp32 master weights on CPU or use torch.optim.AdamW")
+        params = [p for p, *_ in items]
+        if not all(p.is_contiguous() for p in params):
+            raise ValueError("CPUAdamW needs contiguous params (ZeRO's flat partitions are); "
+                             "call .contiguous() on the model's params")
+        grads = [g.float().contiguous() for _, g, _, _ in items]  # no copy when already fp32 contiguous
+        copies = [self._bf16.get(p) for p in params]
+        self._ops.adamw_step(params, grads, [m for *_, m, _ in items], [v for *_, v in items],
+                             copies if any(c is not None for c in copies) else [],
+                             float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], step,
+                             self.num_threads, self.isa)
 
 
 class FusedAdamW(_AdamWBase):
@@ -117,20 +124,12 @@ class FusedAdamW(_AdamWBase):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self._ops = extensions.ops("fused_adam")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for (step, _dtype), items in self._buckets(group).items():
-                grads = [g.to(p.dtype).contiguous() for p, g, _, _ in items]
-                self._ops.adamw_step([p for p, *_ in items], grads, [m for *_, m, _ in items],
-                                     [v for *_, v in items], float(group["lr"]), beta1, beta2, group["eps"],
-                                     group["weight_decay"], step)
-        return loss
+    def _update(self, group, step: int, dtype: torch.dtype, items) -> None:
+        beta1, beta2 = group["betas"]
+        grads = [g.to(p.dtype).contiguous() for p, g, _, _ in items]
+        self._ops.adamw_step([p for p, *_ in items], grads, [m for *_, m, _ in items],
+                             [v for *_, v in items], float(group["lr"]), beta1, beta2, group["eps"],
+                             group["weight_decay"], step)
 
 
 class TritonAdamW(_AdamWBase):
@@ -143,20 +142,12 @@ class TritonAdamW(_AdamWBase):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self._adamw_step = adamw_step
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for (step, _dtype), items in self._buckets(group).items():
-                self._adamw_step([p for p, *_ in items], [g.contiguous() for _, g, _, _ in items],
-                                 [m for *_, m, _ in items], [v for *_, v in items], step=step,
-                                 lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                                 weight_decay=group["weight_decay"])
-        return loss
+    def _update(self, group, step: int, dtype: torch.dtype, items) -> None:
+        beta1, beta2 = group["betas"]
+        self._adamw_step([p for p, *_ in items], [g.contiguous() for _, g, _, _ in items],
+                         [m for *_, m, _ in items], [v for *_, v in items], step=step,
+                         lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"])
 
 
 def _first_device(param_groups: list) -> torch.device:
