@@ -3,9 +3,10 @@
   python launch/evaluate.py --config recipes/cnn_digits.yaml --eval.kfold=5 --log.dir=runs/cv   # K-fold CV
   python launch/evaluate.py --config recipes/search_cnn_digits.yaml                             # search.space
   python launch/evaluate.py --config recipes/cnn_digits.yaml --eval.ensemble='[runs/a,runs/b]'  # ensemble
+  python launch/evaluate.py --config recipes/ensemble_digits.yaml     # train 3 members, then ensemble them
   python launch/evaluate.py --config recipes/cnn_digits.yaml --checkpoint.resume=runs/a         # one checkpoint
 
-Precedence: search.space, then eval.kfold > 0, then eval.ensemble, else the checkpoint in checkpoint.resume
+Precedence: search.space, then eval.kfold > 0, then eval.ensemble / eval.ensemble_members, else the checkpoint in checkpoint.resume
 (or <log.dir>/checkpoints). Runs under `deepspeed`/`torchrun` too; only rank 0 writes tables and plots."""
 import os
 import sys
@@ -34,9 +35,10 @@ def main(argv=None):
             if is_main_process():
                 plot_curves([os.path.join(cfg.log.dir, f"fold_{i}") for i in range(cfg.eval.kfold)],
                             os.path.join(cfg.log.dir, "curves.png"))
-        elif cfg.eval.ensemble:
-            from megatrain.eval.ensemble import run_ensemble
-            run_ensemble(cfg, log=log)
+        elif cfg.eval.ensemble or cfg.eval.ensemble_members:
+            from megatrain.eval.ensemble import run_ensemble, train_members
+            paths = train_members(cfg, log=log) if cfg.eval.ensemble_members else None
+            run_ensemble(cfg, paths, log=log)
         else:
             from megatrain.eval.ensemble import evaluate_checkpoint
             path = cfg.checkpoint.resume if cfg.checkpoint.resume not in ("none", "auto") else \

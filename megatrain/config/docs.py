@@ -23,7 +23,9 @@ def _type_name(annotation) -> str:
 def config_reference() -> str:
     lines = ["# Config reference", "",
              "Generated from `megatrain/config/schema.py` by `megatrain config-docs`; do not edit by hand.",
-             "Every field can be set in a YAML recipe or overridden on the command line as `--section.key=value`.", ""]
+             "Every field can be set in a YAML recipe or overridden on the command line as `--section.key=value`.",
+             "A recipe may start with `base: other.yaml` (a path relative to the recipe): the base is read first and "
+             "the recipe's sections are merged over it key by key (lists are replaced whole).", ""]
     for section, field in Config.model_fields.items():
         model: type[BaseModel] = field.annotation
         lines += [f"## `{section}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]

@@ -83,19 +83,42 @@ def build_config(tree: dict | None = None, overrides: dict[str, Any] | None = No
         raise ConfigError(_format_error(err)) from None
 
 
+def _merge(base: dict, child: dict) -> dict:
+    """Child values win; sections merge key by key; lists and scalars are replaced whole."""
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_recipe(path: str, chain: tuple[str, ...] = ()) -> dict:
+    """A recipe's tree; ``base: other.yaml`` (relative to the recipe) is read first and overlaid, so a variant
+    recipe states only what it changes."""
+    if not os.path.isfile(path):
+        hint = f"base: of {chain[-1]}" if chain else "--config"
+        raise ConfigError(f"{hint} {path}: no such file; pass a recipe such as recipes/tiny_cpu_gpt.yaml")
+    real = os.path.realpath(path)
+    if real in chain:
+        raise ConfigError(f"--config {path}: base: recipes form a cycle ({' -> '.join(chain + (real,))}); "
+                          "remove one base: line")
+    with open(path, encoding="utf-8") as f:
+        try:
+            tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML ({err.__class__.__name__}: {err})".replace("\n", " ")) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--config {path}: top level must be a mapping of sections (model:, train:, ...)")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"--config {path}: base must be the path of another recipe (got {base!r})")
+    return _merge(_read_recipe(os.path.join(os.path.dirname(path), base), chain + (real,)), tree)
+
+
 def load_config(path: str | None, overrides: dict[str, Any] | Iterable[str] | None = None) -> Config:
     """Read a YAML recipe (or defaults when ``path`` is None) and apply overrides."""
-    tree: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"--config {path}: no such file; pass a recipe such as recipes/tiny_cpu_gpt.yaml")
-        with open(path, encoding="utf-8") as f:
-            try:
-                tree = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"--config {path}: not valid YAML ({err.__class__.__name__}: {err})".replace("\n", " ")) from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"--config {path}: top level must be a mapping of sections (model:, train:, ...)")
+    tree = _read_recipe(path) if path is not None else {}
     if overrides is not None and not isinstance(overrides, dict):
         overrides = parse_overrides(overrides)
     return build_config(tree, overrides)

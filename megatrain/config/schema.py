@@ -45,6 +45,12 @@ class ModelConfig(Section):
     widths: list[int] = Field(default_factory=lambda: [16, 32, 64], description="ResNet stage widths.")
     blocks_per_stage: list[int] = Field(default_factory=lambda: [1, 1, 1], description="ResNet blocks per stage.")
     block: Literal["basic", "bottleneck"] = Field("basic", description="ResNet block type.")
+    inner_widths: Optional[list[int]] = Field(
+        None, description="ResNet per-stage inner width of every block (basic: conv1 out; bottleneck: conv1/conv2 "
+                          "out), the residual stream stays widths*expansion; None = widths (set by channel pruning).")
+    rnn_hidden_size: Optional[int] = Field(
+        None, gt=0, description="LSTM/GRU recurrent width; the embedding keeps hidden_size; None = hidden_size "
+                                "(set by hidden-unit pruning).")
     bidirectional: bool = Field(False, description="Bidirectional RNN (classification only).")
     task: Literal["language_modeling", "classification"] = Field(
         "language_modeling", description="Loss/metric head: next-token LM or sequence/image classification.")
@@ -75,6 +81,16 @@ class ModelConfig(Section):
     def tied(self) -> bool:
         return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
 
+    @property
+    def stage_inner_widths(self) -> list[int]:
+        """ResNet inner width per stage: model.inner_widths, or widths."""
+        return list(self.inner_widths) if self.inner_widths is not None else list(self.widths)
+
+    @property
+    def rnn_width(self) -> int:
+        """LSTM/GRU hidden units per layer and direction: model.rnn_hidden_size, or hidden_size."""
+        return self.rnn_hidden_size or self.hidden_size
+
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         if self.is_transformer:
@@ -86,6 +102,14 @@ class ModelConfig(Section):
                                  f"{self.kv_heads}; choose num_kv_heads dividing num_heads")
             if self.arch == "llama" and self.attn_head_dim % 2:
                 raise ValueError(f"model: head_dim={self.attn_head_dim} must be even for RoPE; change hidden_size/num_heads")
+        if self.inner_widths is not None and (len(self.inner_widths) != len(self.widths)
+                                              or any(w <= 0 for w in self.inner_widths)):
+            raise ValueError(f"model.inner_widths={self.inner_widths} needs one positive width per stage of "
+                             f"model.widths={self.widths}; fix it or leave it unset")
+        if self.rnn_width != self.hidden_size and self.tied:
+            raise ValueError(f"model.rnn_hidden_size={self.rnn_hidden_size} differs from model.hidden_size="
+                             f"{self.hidden_size} but model.tie_embeddings=true needs the LM head's input to be the "
+                             "embedding width; set tie_embeddings: false or drop rnn_hidden_size")
         return self
 
 
@@ -119,6 +143,9 @@ class DataConfig(Section):
     dataset: Literal["tokens", "digits", "images", "npz"] = Field(
         "tokens", description="tokens = prepared text shards; digits = sklearn digits; images/npz = user image data.")
     augment: bool = Field(False, description="On-the-fly augmentation for image data.")
+    split_seed: int = Field(
+        0, description="Seed of the image train/validation split. Independent of train.seed, so runs with different "
+                       "seeds, search trials and ensemble members are scored on the same validation samples.")
 
 
 class TrainConfig(Section):
@@ -143,7 +170,8 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
     eval_every: int = Field(50, ge=0, description="Validation every N steps; 0 = only at the end.")
-    eval_batches: int = Field(8, gt=0, description="Micro-batches per validation pass (per rank).")
+    eval_batches: int = Field(8, ge=0, description="Micro-batches per validation pass (per rank); 0 = the whole "
+                                                   "validation split.")
     log_every: int = Field(1, gt=0, description="Metrics line every N steps.")
     loss_scale_window: int = Field(100, gt=0, description="fp16 dynamic loss scale window.")
     deepspeed_config: Optional[str] = Field(None, description="User DeepSpeed JSON merged into the generated one.")
@@ -173,6 +201,9 @@ class EvalConfig(Section):
     metric: str = Field("loss", description="Metric used to rank trials / pick checkpoints (loss, accuracy, f1_macro, ...).")
     ensemble: list[str] = Field(default_factory=list, description="Checkpoint paths whose predictions are averaged.")
     ensemble_mode: Literal["mean_prob", "vote"] = Field("mean_prob", description="Ensemble: average probabilities or majority vote.")
+    ensemble_members: int = Field(
+        0, ge=0, description="Train this many members (seeds train.seed, +1, ...) in <log.dir>/member_i, resumable, "
+                             "then score their ensemble; 0 = off (use eval.ensemble for existing checkpoints).")
     old_data: Optional[str] = Field(None, description="Continual training: data path whose validation tracks forgetting.")
 
 
@@ -191,6 +222,9 @@ class PruneConfig(Section):
     mlp: float = Field(0.0, ge=0.0, description="Fraction of MLP intermediate channels removed from every layer (< 1).")
     heads: float = Field(0.0, ge=0.0, description="Fraction of attention heads removed from every layer (< 1).")
     layers: float = Field(0.0, ge=0.0, description="Fraction of whole Transformer blocks removed (depth, < 1).")
+    channels: float = Field(
+        0.0, ge=0.0, description="resnet/lstm/gru: fraction of inner conv channels of every residual block "
+                                 "(per stage) / of hidden units of every RNN layer removed (< 1).")
     gqa: Literal["groups", "within"] = Field(
         "groups", description="GQA head pruning: remove whole kv groups (kv head + its query heads), or the same "
                               "number of query heads inside every group (kv heads kept).")
@@ -206,7 +240,7 @@ class PruneConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "PruneConfig":
-        for name in ("mlp", "heads", "layers"):
+        for name in ("mlp", "heads", "layers", "channels"):
             if getattr(self, name) >= 1.0:
                 raise ValueError(f"prune.{name}={getattr(self, name)} would remove every unit; "
                                  "use a fraction in [0, 1)")

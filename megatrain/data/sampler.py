@@ -85,3 +85,11 @@ def rank_slice(indices: list[int], *, dp_rank: int, dp_size: int, micro_batch_si
         raise ValueError(f"micro_step={micro_step} out of range: the global batch holds {num_micro} micro steps")
     start = (micro_step * dp_size + dp_rank) * micro_batch_size
     return list(indices[start:start + micro_batch_size])
+
+
+def eval_batch_count(requested: int, num_samples: int, *, micro_batch_size: int, dp_size: int = 1) -> int:
+    """Micro-batches per rank for a validation pass: ``train.eval_batches``, or with 0 as many as cover the
+    whole split once across the dp ranks (the last batch may be short)."""
+    if requested:
+        return requested
+    return max(1, -(-num_samples // (micro_batch_size * dp_size)))

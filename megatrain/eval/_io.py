@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
+
+from megatrain.fsutil import atomic_write_text
 
 
 def is_main_process() -> bool:
@@ -13,12 +14,10 @@ def is_main_process() -> bool:
 
 
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half result that a resume would take as finished
+    # atomic (temp + fsync + rename): a crash mid-write never leaves a half result that a resume would take
+    # as finished
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    atomic_write_text(path, text)

@@ -107,13 +107,36 @@ def _read_checkpoint(step_dir: str):
 
 
 # ---- tools ------------------------------------------------------------------------------------------------
-def run_ensemble(cfg, *, log: Callable[[str], None] = print) -> dict:
-    """Score every checkpoint in ``eval.ensemble`` and their combination on ``cfg``'s validation split;
-    writes ``ensemble.md``, ``ensemble.json`` and ``ensemble_confusion.png`` into ``log.dir``."""
+def train_members(cfg, *, train_fn=None, log: Callable[[str], None] = print) -> list[str]:
+    """Train ``eval.ensemble_members`` runs of ``cfg`` with seeds train.seed, train.seed+1, ... in
+    ``<log.dir>/member_i`` (finished members are not rerun) and return their run dirs.
+
+    The seed changes the init, the data order, dropout and the augmentation draws; the train/validation split
+    (data.split_seed) stays fixed, so every member is scored on the same held-out samples."""
+    from megatrain.eval.search import run_trials, trial_config
+
+    n = cfg.eval.ensemble_members
+    if cfg.eval.ensemble:
+        raise ValueError("eval.ensemble and eval.ensemble_members are both set; list existing checkpoints or train "
+                         "new members, not both")
+    if n < 2:
+        raise ValueError(f"eval.ensemble_members={n}: an ensemble needs at least 2 members; use 0 to turn it off")
+    params = [{"train.seed": cfg.train.seed + i} for i in range(n)]
+    # members are ordinary runs: they keep their final checkpoint and do not recurse into ensembling
+    fixed = {"checkpoint.save_final": True, "eval.ensemble_members": 0}
+    configs = [trial_config(cfg, {**p, **fixed}, os.path.join(cfg.log.dir, f"member_{i}")) for i, p in enumerate(params)]
+    run_trials(configs, params, train_fn=train_fn, log=log, name="member", hint="train.seed changed")
+    return [c.log.dir for c in configs]
+
+
+def run_ensemble(cfg, paths: list[str] | None = None, *, log: Callable[[str], None] = print) -> dict:
+    """Score every checkpoint in ``paths`` (default ``eval.ensemble``) and their combination on ``cfg``'s
+    validation split; writes ``ensemble.md``, ``ensemble.json`` and ``ensemble_confusion.png`` into ``log.dir``."""
     from megatrain.train.classification_task import ClassificationTask
 
     if cfg.model.task != "classification":
         raise ValueError("eval.ensemble combines classifiers; set model.task=classification in the config")
+    paths = list(cfg.eval.ensemble if paths is None else paths)
     base = ClassificationTask(cfg)
     val = base.val_dataset()
     if val is None:
@@ -121,7 +144,7 @@ def run_ensemble(cfg, *, log: Callable[[str], None] = print) -> dict:
     val_idx = set(base.val_idx.tolist())
     base_labels = torch.from_numpy(base.pool.y[base.val_idx])
     rows, probs, labels = [], [], None
-    for path in cfg.eval.ensemble:
+    for path in paths:
         mcfg, task, model = load_member(path, shared=(cfg.data, base.pool, cfg.model.arch))
         if not isinstance(task, ClassificationTask):
             raise ValueError(f"eval.ensemble member {path} is a {mcfg.model.task} model; all members must classify")
@@ -200,8 +223,10 @@ def evaluate_checkpoint(cfg, path: str, *, log: Callable[[str], None] = print) -
 def _lm_metrics(task, model, dataset, *, batches: int, micro: int) -> dict:
     from torch.utils.data import default_collate
 
+    from megatrain.data.sampler import eval_batch_count
+
     totals: dict[str, torch.Tensor] = {}
-    for b in range(batches):
+    for b in range(eval_batch_count(batches, len(dataset), micro_batch_size=micro)):
         idx = range(b * micro, min((b + 1) * micro, len(dataset)))
         if not idx:
             break

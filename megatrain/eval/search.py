@@ -24,7 +24,7 @@ import yaml
 
 from megatrain.config.loader import ConfigError, build_config
 from megatrain.config.schema import Config, Section
-from megatrain.eval._io import is_main_process, write_json
+from megatrain.eval._io import is_main_process, write_json, write_text
 
 
 def field_exists(dotted: str) -> bool:
@@ -170,38 +170,43 @@ def run_search(cfg: Config, *, train_fn: TrainFn | None = None, space: dict[str,
         space = parse_space(space, method=cfg.search.method)
     trials = make_trials(cfg, space)
     configs = [trial_config(cfg, p, os.path.join(cfg.log.dir, f"trial_{i:03d}")) for i, p in enumerate(trials)]
-    if train_fn is None:
-        train_fn = train_trial
     os.makedirs(cfg.log.dir, exist_ok=True)
-    rows = []
-    for i, (params, tcfg) in enumerate(zip(trials, configs)):
-        result_path = os.path.join(tcfg.log.dir, "result.json")
-        if os.path.isfile(result_path):
-            with open(result_path, encoding="utf-8") as f:
-                done = json.load(f)
-            if done.get("params") != _jsonable(params):
-                raise ValueError(f"{result_path} holds a trial with other parameters ({done.get('params')}); the space "
-                                 "or seed changed — use a new log.dir or delete the old trials")
-            log(f"trial {i:03d}: finished earlier, skipped")
-            rows.append(done)
-            continue
-        log(f"trial {i:03d}/{len(trials)}: {params}")
-        metrics = train_fn(tcfg)
-        row = {"trial": i, "params": _jsonable(params), "metrics": metrics}
-        if is_main_process():
-            os.makedirs(tcfg.log.dir, exist_ok=True)
-            write_json(result_path, row)
-        rows.append(row)
+    rows = run_trials(configs, trials, train_fn=train_fn, log=log, name="trial", hint="the space or seed changed")
     ranked = rank_results(rows, cfg.eval.metric, cfg.search.mode)
     table = format_table(ranked, cfg.eval.metric)
     if is_main_process():
-        with open(os.path.join(cfg.log.dir, "search.md"), "w", encoding="utf-8") as f:
-            f.write(f"# {cfg.search.method} search, {len(rows)} trials, ranked by {cfg.eval.metric} "
-                    f"({cfg.search.mode})\n\n{table}")
+        write_text(os.path.join(cfg.log.dir, "search.md"), f"# {cfg.search.method} search, {len(rows)} trials, "
+                   f"ranked by {cfg.eval.metric} ({cfg.search.mode})\n\n{table}")
         write_json(os.path.join(cfg.log.dir, "search.json"),
                     {"metric": cfg.eval.metric, "mode": cfg.search.mode, "space": space, "ranked": ranked})
     log(table)
     return ranked
+
+
+def run_trials(configs: list[Config], params: list[dict[str, Any]], *, train_fn: TrainFn | None = None,
+               log: Callable[[str], None] = print, name: str = "trial", hint: str = "the settings changed") -> list[dict]:
+    """Train ``configs[i]`` (its own log.dir) unless an earlier run finished it: a finished run leaves
+    ``result.json`` holding its params and final metrics, so an interrupted sweep resumes where it stopped."""
+    train_fn = train_fn or train_trial
+    rows = []
+    for i, (p, tcfg) in enumerate(zip(params, configs)):
+        result_path = os.path.join(tcfg.log.dir, "result.json")
+        if os.path.isfile(result_path):
+            with open(result_path, encoding="utf-8") as f:
+                done = json.load(f)
+            if done.get("params") != _jsonable(p):
+                raise ValueError(f"{result_path} holds a {name} with other parameters ({done.get('params')}); {hint} "
+                                 "— use a new log.dir or delete the old runs")
+            log(f"{name} {i:03d}: finished earlier, skipped")
+            rows.append(done)
+            continue
+        log(f"{name} {i:03d}/{len(configs)}: {p}")
+        row = {"trial": i, "params": _jsonable(p), "metrics": train_fn(tcfg)}
+        if is_main_process():
+            os.makedirs(tcfg.log.dir, exist_ok=True)
+            write_json(result_path, row)
+        rows.append(row)
+    return rows
 
 
 def train_trial(cfg: Config) -> dict:

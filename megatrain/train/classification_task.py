@@ -21,15 +21,6 @@ from megatrain.data import images as img
 from megatrain.data.augment import PRESETS, augment_batch
 from megatrain.eval.metrics import classification_metrics, confusion_matrix, mean_loss
 
-# The train/val split does not depend on train.seed: search trials, ensemble members and seeds of one recipe
-# must be scored on the same validation samples to be comparable. data.split_seed overrides it when present.
-DEFAULT_SPLIT_SEED = 0
-
-
-def split_seed(cfg: Config) -> int:
-    return int(getattr(cfg.data, "split_seed", DEFAULT_SPLIT_SEED))
-
-
 def _is_image(cfg: Config) -> bool:
     if cfg.model.arch == "resnet":
         return True
@@ -65,7 +56,7 @@ class ClassificationTask:
                              f"{num_classes - 1}; set model.num_classes={num_classes}")
         self.num_classes = cfg.model.num_classes
         if split is None:
-            split = img.stratified_split(labels, cfg.data.val_fraction, seed=split_seed(cfg))
+            split = img.stratified_split(labels, cfg.data.val_fraction, seed=cfg.data.split_seed)
         self.train_idx, self.val_idx = (np.asarray(s, dtype=np.int64) for s in split)
         if len(self.train_idx) == 0:
             raise ValueError("the training split is empty; lower data.val_fraction")

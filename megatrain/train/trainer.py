@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import default_collate
 
 from megatrain.config import Config, resolve_layout, to_deepspeed
+from megatrain.data.sampler import eval_batch_count
 from megatrain.dist import comm_counter
 from megatrain.dist.env import device as current_device
 from megatrain.dist.env import init_distributed
@@ -236,7 +237,8 @@ class Trainer:
             return {}
         self.sync_buffers()
         dims, micro = self.dims, self.layout.micro_batch_size
-        n_batches = max_batches or self.cfg.train.eval_batches
+        n_batches = max_batches or eval_batch_count(self.cfg.train.eval_batches, len(dataset),
+                                                    micro_batch_size=micro, dp_size=dims.dp)
         if self.pipelined:
             return self._pipeline_evaluate(dataset, n_batches)
         self.engine.eval()

@@ -50,3 +50,16 @@ def test_ensemble_and_single_checkpoint(tmp_path):
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())["metrics"]
     assert ev["num_samples"] == 359 and ev["accuracy"] == pytest.approx(res["members"][0]["accuracy"])
     assert (tmp_path / "ev" / "confusion.png").is_file()
+
+
+def test_ensemble_recipe_beats_its_best_member(tmp_path):
+    """The acceptance run: recipes/ensemble_digits.yaml trains 3 augmented members, then ensembles them."""
+    args = ["launch/evaluate.py", "--config", "recipes/ensemble_digits.yaml", f"--log.dir={tmp_path}",
+            "--log.progress=none", "--log.tensorboard=false", "--log.report=false"]
+    run_ranks(1, args, timeout=900)
+    res = json.loads((tmp_path / "ensemble.json").read_text())
+    best = max(m["accuracy"] for m in res["members"])
+    assert len(res["members"]) == 3 and res["num_val"] == 359
+    assert best >= 0.97 and res["ensemble"]["accuracy"] >= best, res
+    again = run_ranks(1, args, timeout=300)
+    assert again[0].stdout.count("finished earlier, skipped") == 3

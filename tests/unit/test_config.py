@@ -102,3 +102,22 @@ def test_recipes_validate(recipe):
     if recipe == "llama_1b":
         cfg = load_config(f"recipes/{recipe}.yaml", ["--parallel.tp=2", "--parallel.pp=2"])
         assert resolve_layout(cfg, 8).dp == 2
+
+
+def test_recipe_base_merges_and_rejects_cycles(tmp_path):
+    (tmp_path / "parent.yaml").write_text("model: {arch: llama, num_layers: 4, hidden_size: 64}\n"
+                                          "train: {lr: 1.0e-3, betas: [0.9, 0.95]}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../parent.yaml\nmodel: {num_layers: 2}\n"
+                                                 "train: {betas: [0.8, 0.9]}\n")
+    cfg = load_config(str(tmp_path / "sub" / "child.yaml"), ["--train.lr=2e-3"])
+    # sections merge key by key; lists are replaced whole; overrides still win last
+    assert (cfg.model.arch, cfg.model.num_layers, cfg.model.hidden_size) == ("llama", 2, 64)
+    assert tuple(cfg.train.betas) == (0.8, 0.9) and cfg.train.lr == 2e-3
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="base: of .*missing.yaml: no such file"):
+        load_config(str(tmp_path / "c.yaml"))

@@ -38,3 +38,37 @@ def test_errors_and_loss():
         combine([torch.ones(1, 2) / 2], "median")
     s = score(torch.tensor([[0.5, 0.5]]), torch.tensor([1]), 2)
     assert s["loss"] == pytest.approx(0.6931, abs=1e-4)
+
+
+def test_train_members_seeds_resume_and_errors(tmp_path):
+    from megatrain.config import load_config
+    from megatrain.eval.ensemble import train_members
+
+    cfg = load_config("recipes/ensemble_digits.yaml", [f"--log.dir={tmp_path}"])
+    seen = []
+
+    def fake_train(c):  # records what each member would train with
+        seen.append((c.train.seed, c.log.dir, c.checkpoint.save_final, c.eval.ensemble_members))
+        return {"val_accuracy": 0.9}
+
+    paths = train_members(cfg, train_fn=fake_train, log=lambda s: None)
+    assert paths == [str(tmp_path / f"member_{i}") for i in range(3)]
+    assert seen == [(1234 + i, paths[i], True, 0) for i in range(3)]
+    seen.clear()
+    assert train_members(cfg, train_fn=fake_train, log=lambda s: None) == paths and seen == []  # resumed
+    changed = load_config("recipes/ensemble_digits.yaml", [f"--log.dir={tmp_path}", "--train.seed=7"])
+    with pytest.raises(ValueError, match="other parameters"):
+        train_members(changed, train_fn=fake_train, log=lambda s: None)
+    with pytest.raises(ValueError, match="at least 2 members"):
+        train_members(load_config("recipes/ensemble_digits.yaml", ["--eval.ensemble_members=1"]))
+    with pytest.raises(ValueError, match="both set"):
+        train_members(load_config("recipes/ensemble_digits.yaml", ["--eval.ensemble=[runs/a]"]))
+
+
+def test_eval_batch_count():
+    from megatrain.data.sampler import eval_batch_count
+
+    assert eval_batch_count(5, 359, micro_batch_size=32) == 5
+    assert eval_batch_count(0, 359, micro_batch_size=32) == 12  # 12 × 32 ≥ 359
+    assert eval_batch_count(0, 359, micro_batch_size=32, dp_size=2) == 6
+    assert eval_batch_count(0, 0, micro_batch_size=32) == 1
