@@ -209,8 +209,9 @@ class EvalConfig(Section):
 
 class SearchConfig(Section):
     space: Optional[str] = Field(None, description="YAML file: config field -> list (grid) or {low, high, log} / list (random).")
-    method: Literal["grid", "random"] = Field("random", description="Grid or random search.")
-    trials: int = Field(6, gt=0, description="Random-search trials.")
+    method: Literal["grid", "random", "tpe"] = Field(
+        "random", description="grid (every combination), random, or tpe (Optuna's model-based sampler; needs optuna).")
+    trials: int = Field(6, gt=0, description="Random/TPE search trials.")
     mode: Literal["min", "max"] = Field("min", description="Whether eval.metric is minimised or maximised.")
 
 
@@ -258,6 +259,18 @@ class DistillConfig(Section):
     hidden_mse: float = Field(
         0.0, ge=0.0, description="Weight of an MSE between last-block hidden states (learned projection when widths differ).")
     teacher_bf16: bool = Field(False, description="Run the teacher in bf16 (halves its memory; logits upcast for the loss).")
+    teacher_cache: Optional[str] = Field(
+        None, description="Directory of precomputed top-k teacher log-probs (written by launch/cache_teacher.py); "
+                          "when set, training reads it instead of running the teacher (KL over top-k + a tail "
+                          "bucket). Needed for parallel.pp>1.")
+    cache_topk: Optional[int] = Field(
+        None, gt=0, description="k: teacher tokens kept per position. Writing: None = 32; reading: None = the "
+                                "cache's k, else it must match.")
+    cache_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Storage of the cached top-k log-probs (fp16 halves the cache; the tail mass is fp32).")
+    cache_samples: Optional[int] = Field(
+        None, gt=0, description="Cache only the first N training samples (training then draws from those); "
+                                "None = the whole training split.")
 
 
 class Config(Section):

@@ -1,4 +1,5 @@
-"""Hyper-parameter search: grid or random over dotted config fields, each trial a normal training run.
+"""Hyper-parameter search: grid, random or TPE (Optuna, search_optuna.py) over dotted config fields, each trial
+a normal training run.
 
 Space file (``search.space``), one entry per config field::
 
@@ -168,10 +169,14 @@ def run_search(cfg: Config, *, train_fn: TrainFn | None = None, space: dict[str,
         space = load_space(cfg.search.space, method=cfg.search.method)
     else:
         space = parse_space(space, method=cfg.search.method)
-    trials = make_trials(cfg, space)
-    configs = [trial_config(cfg, p, os.path.join(cfg.log.dir, f"trial_{i:03d}")) for i, p in enumerate(trials)]
     os.makedirs(cfg.log.dir, exist_ok=True)
-    rows = run_trials(configs, trials, train_fn=train_fn, log=log, name="trial", hint="the space or seed changed")
+    if cfg.search.method == "tpe":  # proposals depend on results so far: trials are drawn one at a time
+        from megatrain.eval.search_optuna import run_tpe_trials
+        rows = run_tpe_trials(cfg, space, train_fn=train_fn, log=log)
+    else:
+        trials = make_trials(cfg, space)
+        configs = [trial_config(cfg, p, os.path.join(cfg.log.dir, f"trial_{i:03d}")) for i, p in enumerate(trials)]
+        rows = run_trials(configs, trials, train_fn=train_fn, log=log, name="trial", hint="the space or seed changed")
     ranked = rank_results(rows, cfg.eval.metric, cfg.search.mode)
     table = format_table(ranked, cfg.eval.metric)
     if is_main_process():

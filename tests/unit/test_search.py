@@ -105,3 +105,56 @@ def test_unknown_metric(tmp_path):
     cfg = build_config({"search": {"method": "grid"}, "eval": {"metric": "bleu"}, "log": {"dir": str(tmp_path)}})
     with pytest.raises(ValueError, match="eval.metric=bleu"):
         run_search(cfg, space={"train.lr": [0.1]}, train_fn=lambda t: {"val_loss": 1.0}, log=lambda s: None)
+
+
+def _tpe_cfg(tmp_path, trials):
+    return build_config({"search": {"method": "tpe", "trials": trials, "mode": "min"}, "eval": {"metric": "loss"},
+                         "log": {"dir": str(tmp_path)}})
+
+
+TPE_SPACE = {"train.lr": {"low": 1e-4, "high": 1.0, "log": True}, "model.widths": [[8, 16], [16, 32], [32, 64]],
+             "train.max_steps": {"low": 10, "high": 40, "int": True}}
+
+
+def _bowl(tcfg):
+    """A smooth stand-in for a validation loss: best at lr=1e-2, widths [16, 32], 25 steps."""
+    import math
+    loss = (math.log10(tcfg.train.lr) + 2) ** 2 + (tcfg.model.widths[0] != 16) + abs(tcfg.train.max_steps - 25) / 15
+    return {"val_loss": loss}
+
+
+def test_tpe_maps_choices_and_beats_random_late(tmp_path):
+    from megatrain.eval.search import random_trials
+
+    rows = run_search(_tpe_cfg(tmp_path / "tpe", 24), space=TPE_SPACE, train_fn=_bowl, log=lambda s: None)
+    assert len(rows) == 24 and all(r["params"]["model.widths"] in TPE_SPACE["model.widths"] for r in rows)
+    assert all(isinstance(r["params"]["train.max_steps"], int) and 10 <= r["params"]["train.max_steps"] <= 40
+               for r in rows)
+    # once the density model has data, TPE's proposals are better on average than random draws
+    late = sorted(rows, key=lambda r: r["trial"])[12:]
+    tpe_late = sum(r["metrics"]["val_loss"] for r in late) / len(late)
+    space = parse_space(TPE_SPACE, method="random")
+    cfg = _tpe_cfg(tmp_path, 1)
+    rand = [_bowl(trial_config(cfg, p, str(tmp_path / "r")))["val_loss"] for p in random_trials(space, 12, seed=1234)]
+    assert tpe_late < sum(rand) / len(rand)
+
+
+def test_tpe_resumes_without_rerunning(tmp_path):
+    calls, die_at = [], [3]
+
+    def stub(tcfg):
+        calls.append(tcfg.log.dir)
+        if len(calls) == die_at[0]:
+            raise _Interrupted  # the run dies during the third trial
+        return _bowl(tcfg)
+
+    cfg = _tpe_cfg(tmp_path, 5)
+    with pytest.raises(_Interrupted):
+        run_search(cfg, space=TPE_SPACE, train_fn=stub, log=lambda s: None)
+    calls.clear()
+    die_at[0] = 0
+    ranked = run_search(cfg, space=TPE_SPACE, train_fn=stub, log=lambda s: None)
+    assert [c[-9:] for c in calls] == ["trial_002", "trial_003", "trial_004"]
+    assert len(ranked) == 5 and ranked[0]["metrics"]["val_loss"] <= ranked[-1]["metrics"]["val_loss"]
+    with pytest.raises(ValueError, match="other fields"):
+        run_search(cfg, space={"train.lr": [0.1]}, train_fn=stub, log=lambda s: None)
