@@ -59,13 +59,19 @@ def vocab_parallel_cross_entropy_forward(local_logits, labels, group, *, ignore_
     if local_logits.stride(-1) != 1:
         local_logits = local_logits.contiguous()
     labels = labels.contiguous()
-    n_rows, n_cols = local_logits.shape
+    n_rows, n_local = local_logits.shape
     start, total = _shard_range(local_logits, group, vocab_start, vocab_size)
+    # Columns at or past `total` are tp padding: the kernels only walk the first n_cols (real) columns, so
+    # padding never enters the max/sum-exp/logit sum, and its gradient stays the zero it is initialised to.
+    n_cols = max(0, min(n_local, total - start))
     stats = torch.empty((4, n_rows), device=local_logits.device, dtype=torch.float32)
     m, s, x_target, x_sum = stats.unbind(0)  # (N,) each
-    block = vocab_block(n_cols, block=block)
+    block = vocab_block(max(n_cols, 1), block=block)
     warps = 16 if n_cols >= 8192 else 4
-    if n_rows:
+    if n_cols == 0:  # a shard of padding only: the identity of each reduction
+        m.fill_(float("-inf"))
+        s.zero_(), x_target.zero_(), x_sum.zero_()
+    elif n_rows:
         _vp_stats_kernel[(n_rows,)](local_logits, labels, m, s, x_target, x_sum, local_logits.stride(0), n_cols,
                                     start, BLOCK=block, num_warps=warps)
     m_global = m.clone()
@@ -80,8 +86,8 @@ def vocab_parallel_cross_entropy_forward(local_logits, labels, group, *, ignore_
     n_valid, scale = grad_scale(labels, ignore_index, reduction)
     grad = None
     if compute_grad:
-        grad = torch.empty_like(local_logits)
-        if n_rows:
+        grad = torch.empty_like(local_logits) if n_cols == n_local else torch.zeros_like(local_logits)
+        if n_rows and n_cols:
             _vp_grad_kernel[(n_rows,)](
                 local_logits, labels, grad, lse.contiguous(), scale, local_logits.stride(0), grad.stride(0), n_cols,
                 start, total, ignore_index, float(label_smoothing), BLOCK=block, num_warps=warps)

@@ -63,34 +63,38 @@ def fused_linear_cross_entropy(
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Plain-torch vocab-parallel CE (Megatron's scheme): all-reduce max, sum-exp, target and logit sums."""
+    """Plain-torch vocab-parallel CE (Megatron's scheme): all-reduce max, sum-exp, target and logit sums.
+    Columns at or past ``vocab_size`` (the padding that makes V divisible by tp) are masked to -inf, so padding
+    never changes the loss or receives gradient."""
 
     @staticmethod
     def forward(ctx, local_logits, labels, group, ignore_index, label_smoothing, vocab_start, vocab_size):
         x = local_logits.float()  # (N, V_local)
         n_local = x.shape[1]
-        m = x.max(dim=-1).values  # (N,)
+        real = torch.arange(vocab_start, vocab_start + n_local, device=x.device) < vocab_size  # (V_local,)
+        x = x.masked_fill(~real, float("-inf"))
+        m = x.max(dim=-1).values  # (N,); -inf on a shard that is all padding
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        x = x - m.unsqueeze(-1)  # shifted: exp never overflows
+        x = x - m.unsqueeze(-1)  # shifted: exp never overflows; -inf on padding
         local = labels - vocab_start
         in_shard = (local >= 0) & (local < n_local)
         x_target = torch.where(in_shard, x.gather(1, local.clamp(0, n_local - 1).unsqueeze(-1)).squeeze(-1), 0.0)
-        packed = torch.stack([x.exp().sum(-1), x_target, x.sum(-1)])  # (3, N)
+        packed = torch.stack([x.exp().sum(-1), x_target, x.masked_fill(~real, 0.0).sum(-1)])  # (3, N)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
         sum_exp, x_target, x_sum = packed.unbind(0)
         lse = torch.log(sum_exp)  # shifted by m like x
         valid = labels != ignore_index
         loss = lse - (1.0 - label_smoothing) * x_target - label_smoothing * x_sum / vocab_size
         loss = torch.where(valid, loss, torch.zeros_like(loss))
-        softmax = torch.exp(x - lse.unsqueeze(-1))  # (N, V_local)
-        ctx.save_for_backward(softmax, local.clamp(0, n_local - 1), in_shard, valid)
+        softmax = torch.exp(x - lse.unsqueeze(-1))  # (N, V_local), 0 on padding
+        ctx.save_for_backward(softmax, local.clamp(0, n_local - 1), in_shard, valid, real)
         ctx.label_smoothing, ctx.vocab_size, ctx.dtype = label_smoothing, vocab_size, local_logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local, in_shard, valid = ctx.saved_tensors
-        grad = softmax - ctx.label_smoothing / ctx.vocab_size
+        softmax, local, in_shard, valid, real = ctx.saved_tensors
+        grad = softmax - (ctx.label_smoothing / ctx.vocab_size) * real.float()
         rows = torch.arange(grad.shape[0], device=grad.device)
         grad[rows[in_shard], local[in_shard]] -= 1.0 - ctx.label_smoothing
         grad = grad * (valid.float() * grad_loss).unsqueeze(-1)
@@ -123,8 +127,9 @@ def vocab_parallel_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy over a vocabulary split across ``group`` (a torch.distributed process group).
 
-    Rank r holds columns [r·V_local, (r+1)·V_local) unless ``vocab_start``/``vocab_size`` say otherwise;
-    every rank gets the same full-vocabulary loss; gradients stay local (no backward communication)."""
+    Rank r holds columns [r·V_local, (r+1)·V_local) unless ``vocab_start`` says otherwise; ``vocab_size``
+    (default tp·V_local) is the real vocabulary: columns at or past it are tp padding and are ignored. Every
+    rank gets the same full-vocabulary loss; gradients stay local (no backward communication)."""
     kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                   vocab_start=vocab_start, vocab_size=vocab_size)
     if backend_for("cross_entropy", local_logits.device) == "triton":

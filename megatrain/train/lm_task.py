@@ -65,8 +65,8 @@ class LanguageModelingTask:
         flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         count = (flat_labels != -100).sum()
         if self.tp_group is not None:  # logits are (B, T, V/tp): never gather the vocabulary
-            from megatrain.dist.cross_entropy import vocab_parallel_cross_entropy
-            per_token = vocab_parallel_cross_entropy(flat_logits, flat_labels, group=self.tp_group,
+            from megatrain.ops.cross_entropy import vocab_parallel_cross_entropy
+            per_token = vocab_parallel_cross_entropy(flat_logits, flat_labels, self.tp_group, reduction="none",
                                                      vocab_size=self.cfg.model.vocab_size,
                                                      label_smoothing=self.cfg.train.label_smoothing)
             loss = per_token.sum() / count.clamp_min(1)

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatrain.dist.collectives import split_to_group
-from megatrain.dist.cross_entropy import vocab_parallel_cross_entropy
+from megatrain.ops.cross_entropy import vocab_parallel_cross_entropy
 from megatrain.dist.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatrain.testing import spawn_group
 
@@ -75,7 +75,7 @@ def _embedding_and_ce(rank, world, vocab, smoothing):
     (ref_loss * upstream).sum().backward()
     padded_logits = torch.cat([logits, torch.full((N, padded - vocab), 123.0)], dim=1)  # garbage in padding
     shard = padded_logits.chunk(world, 1)[rank].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(shard, labels, group=g, vocab_size=vocab, label_smoothing=smoothing)
+    loss = vocab_parallel_cross_entropy(shard, labels, g, reduction="none", vocab_size=vocab, label_smoothing=smoothing)
     (loss * upstream).sum().backward()
     _close(loss, ref_loss, "vocab-parallel CE")
     ref_grad = torch.cat([lr.grad, torch.zeros(N, padded - vocab)], dim=1).chunk(world, 1)[rank]

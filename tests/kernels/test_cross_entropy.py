@@ -135,10 +135,12 @@ def test_fused_linear_cross_entropy_gpu_bf16(v):
 
 # ---- vocab-parallel cross-entropy: 2 real gloo ranks ---------------------------------------------------
 
-_VP_CASES = [  # (tokens, vocab, smoothing, reduction, uneven split)
-    (13, 98, 0.0, "mean", False),
-    (6, 97, 0.1, "sum", True),
-    (5, 40, 0.0, "none", False),
+_VP_CASES = [  # (tokens, vocab, smoothing, reduction, split: even / uneven / padded to a multiple of tp)
+    (13, 98, 0.0, "mean", "even"),
+    (6, 97, 0.1, "sum", "uneven"),
+    (5, 40, 0.0, "none", "even"),
+    (9, 37, 0.1, "none", "padded"),  # 2 shards of 19: the last column is padding holding garbage
+    (4, 19, 0.1, "mean", "padded"),  # 2 shards of 10: rank 1 has 9 real columns
 ]
 
 
@@ -152,23 +154,26 @@ def _vp_worker(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     group = dist.new_group(list(range(world)))  # an explicit group, not the default one
     try:
-        for n, v, smoothing, reduction, uneven in _VP_CASES:
+        for n, v, smoothing, reduction, split in _VP_CASES:
             gen = torch.Generator().manual_seed(n * 1000 + v)  # same data on every rank
             logits = 3 * torch.randn(n, v, generator=gen, dtype=torch.float64)
             labels = torch.randint(0, v, (n,), generator=gen)
             labels[torch.rand(n, generator=gen) < 0.25] = -100
             upstream = torch.randn(n if reduction == "none" else (), generator=gen, dtype=torch.float64)
-            bounds = [0, 40, v] if uneven else [0, v // 2, v]
+            per = -(-v // world)
+            bounds = {"uneven": [0, 40, v], "even": [0, v // 2, v], "padded": [0, per, 2 * per]}[split]
             lo, hi = bounds[rank], bounds[rank + 1]
-            extra = dict(vocab_start=lo, vocab_size=v) if uneven else {}
+            extra = {"uneven": dict(vocab_start=lo, vocab_size=v), "even": {}, "padded": dict(vocab_size=v)}[split]
+            padded = torch.cat([logits, torch.full((n, 2 * per - v), 77.0, dtype=logits.dtype)], 1)  # garbage pad
             full = {}
             for dtype in (torch.float64, torch.float32):
                 x = logits.detach().to(dtype).clone().requires_grad_()
                 loss = cross_entropy_reference(x, labels, label_smoothing=smoothing, reduction=reduction)
                 loss.backward(upstream.to(dtype))
-                full[dtype] = (loss.detach(), x.grad[:, lo:hi])
+                grad = torch.cat([x.grad, torch.zeros(n, padded.shape[1] - v, dtype=dtype)], 1)  # 0 on padding
+                full[dtype] = (loss.detach(), grad[:, lo:hi])
             for name, fn in (("kernel", vocab_parallel_cross_entropy), ("torch", vocab_parallel_cross_entropy_reference)):
-                x = logits[:, lo:hi].float().requires_grad_()
+                x = padded[:, lo:hi].float().requires_grad_()
                 loss = fn(x, labels, group, label_smoothing=smoothing, reduction=reduction, **extra)
                 loss.backward(upstream.float())
                 assert_ratio(f"{name} loss {n}x{v}", loss, full[torch.float32][0], full[torch.float64][0])
