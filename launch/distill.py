@@ -2,7 +2,9 @@
 
 Trains the student (distill.student, e.g. a prune.out dir, or a fresh model from the config) against a frozen
 teacher under the normal Trainer, writes <log.dir>/distilled and the comparison table <log.dir>/compression.md.
-Runs under `deepspeed`, `torchrun` or plain `python`, under any tp/dp layout (pp=1)."""
+With --distill.teacher_cache=DIR (written by launch/cache_teacher.py) the teacher's cached top-k targets are read
+instead of running it. Runs under `deepspeed`, `torchrun` or plain `python`, under any tp/dp layout and ZeRO
+stage; pp>1 needs distill.teacher_cache."""
 import os
 import sys
 

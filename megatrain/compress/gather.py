@@ -38,3 +38,19 @@ def full_state_dict(model: nn.Module, *, vocab_size: int) -> dict[str, torch.Ten
             for pname, p in mod.named_parameters(recurse=False):
                 out[prefix + pname] = p.detach()
     return {k: v.float().cpu().clone() for k, v in out.items()}
+
+
+@torch.no_grad()
+def engine_state_dict(engine, dims) -> dict[str, torch.Tensor]:
+    """name -> full CPU fp32 tensor of a model trained by a DeepSpeed engine under any layout: tp, pp and
+    ZeRO 0-3. Values come through DeepSpeed's ``safe_get_full_fp32_param`` (ZeRO partitions gathered over dp;
+    the fp32 master weights, not a bf16 copy) and are gathered over tp by their shard tags; pipeline stages then
+    exchange their layers. Collective over the world: every rank calls it and every rank gets the full state."""
+    from megatrain.checkpoint.engine_state import gather_state
+    state = {p.logical_name: value.float().cpu().clone()
+             for p, value, _ in gather_state(engine, dims, with_optimizer=False)}
+    if dims.pp > 1:  # each stage holds its own blocks (the tied token table is on the first and the last)
+        parts: list = [None] * dims.pp
+        dist.all_gather_object(parts, state, group=dims.pp_group)
+        state = {name: t for part in parts for name, t in part.items()}
+    return state

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.compress.distill import DistillationTask, student_state
-from megatrain.compress.gather import full_state_dict
+from megatrain.compress.gather import engine_state_dict
 from megatrain.compress.importance import compute_scores
 from megatrain.compress.io import load_model, save_model
 from megatrain.compress.prune import Sizes, prune_model, step_sizes, target_sizes
@@ -50,18 +50,17 @@ class GivenModelTask:
         return getattr(self.inner, name)
 
 
-def _setup(cfg: Config, local_rank):
+def _setup(cfg: Config, local_rank, *, pipeline: bool = False):
+    """Process group and layout; ``pipeline`` = the pass can run with pp > 1 (distillation from a cache)."""
     from megatrain.dist.dims import build_parallel_dims
     from megatrain.dist.env import init_distributed
     resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # a bad layout fails before any group exists
+    if cfg.parallel.pp > 1 and not pipeline:
+        raise ValueError("prune with parallel.pp>1 is not supported; use tp and ZeRO (train the result with pp "
+                         "afterwards)")
     _, world, _ = init_distributed(local_rank)
     lay = resolve_layout(cfg, world)
-    if lay.pp > 1:
-        raise ValueError("prune/distill with parallel.pp>1 is not supported; use tp and ZeRO (train the result "
-                         "with pp afterwards)")
-    if cfg.parallel.zero_stage == 3:
-        raise ValueError("prune/distill gather full weights after training; use parallel.zero_stage<=2")
-    return lay, build_parallel_dims(tp=lay.tp, pp=1, dp=lay.dp)
+    return lay, build_parallel_dims(tp=lay.tp, pp=lay.pp, dp=lay.dp)
 
 
 def _source_model(cfg: Config, path: str | None, field: str) -> tuple[torch.nn.Module, ModelConfig]:
@@ -110,7 +109,7 @@ def _train(cfg: Config, task, model_cfg: ModelConfig, log_dir: str, steps: int) 
                           checkpoint__resume="none", checkpoint__export_hf=None)
     trainer = Trainer(run_cfg, task)
     trainer.run()
-    state = full_state_dict(trainer.engine.module, vocab_size=model_cfg.vocab_size)
+    state = engine_state_dict(trainer.engine, trainer.dims)  # any tp/pp layout, ZeRO 0-3
     model = build_transformer(model_cfg)
     if model_cfg.tied:
         state.setdefault("head.lm_head.weight", state["embed.wte.weight"])
@@ -163,27 +162,72 @@ def run_prune(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
 def run_distill(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
     """Distill cfg.distill.teacher into the student (cfg.distill.student or the config's model)."""
     d = cfg.distill
-    if not d.teacher:
+    if not d.teacher and not d.teacher_cache:
         raise ValueError("distill.teacher is not set; point it at a megatrain checkpoint, a pruned model dir or a "
-                         "local Hugging Face dir")
+                         "local Hugging Face dir, or set distill.teacher_cache")
+    if cfg.parallel.pp > 1 and not d.teacher_cache:
+        raise ValueError("distill with parallel.pp>1 needs a precomputed teacher: the pipeline computes the loss on "
+                         "its last stage, where a live teacher cannot run; write one with launch/cache_teacher.py and "
+                         "set distill.teacher_cache")
     lm = LanguageModelingTask(cfg)
-    _setup(cfg, local_rank)
+    _setup(cfg, local_rank, pipeline=True)
     student, student_cfg = _source_model(cfg, d.student, "distill.student")
     cfg = with_fields(cfg, model=student_cfg)
-    teacher, teacher_cfg = load_model(d.teacher)
     val = lm.val_dataset() or lm.train_dataset()
-    rows = [measure("original (teacher)", teacher, teacher_cfg, cfg, val),
-            measure("pruned (student)" if d.student else "student (init)", student, student_cfg, cfg, val)]
-    task = DistillationTask(cfg, teacher=(teacher, teacher_cfg), student=student.cpu())
+    rows, teacher = [], None
+    if d.teacher:  # with a cache the teacher is optional: its row in the table, and a check of the cache
+        teacher = load_model(d.teacher)
+        rows.append(measure("original (teacher)", *teacher, cfg, val))
+    rows.append(measure("pruned (student)" if d.student else "student (init)", student, student_cfg, cfg, val))
+    task = DistillationTask(cfg, teacher=teacher, student=student.cpu())
     distilled = _train(cfg, task, student_cfg, os.path.join(cfg.log.dir, "distill"), cfg.train.max_steps)
     rows.append(measure("distilled", distilled, student_cfg, cfg, val))
     if _is_writer():
         save_model(os.path.join(cfg.log.dir, "distilled"), distilled.cpu(), student_cfg,
-                   extra={"distilled_from": d.teacher, "student_init": d.student})
+                   extra={"distilled_from": d.teacher, "teacher_cache": d.teacher_cache, "student_init": d.student})
         print(write_table(rows, cfg.log.dir), flush=True)
     if dist.is_initialized():
         dist.barrier()
     return rows
 
 
-__all__ = ["run_prune", "run_distill", "with_fields", "GivenModelTask", "student_state"]
+def run_cache_teacher(cfg: Config, *, local_rank: int | None = None) -> str:
+    """Run distill.teacher over the training samples and write its top-k targets to distill.teacher_cache.
+    Data-parallel over the ranks of the launch (each writes whole shards; rank 0 writes the manifest last)."""
+    from megatrain.compress.teacher_cache import MANIFEST, tensor_crc, write_manifest, write_teacher_cache
+    from megatrain.dist.env import device, init_distributed
+    d = cfg.distill
+    if not d.teacher or not d.teacher_cache:
+        raise ValueError("writing a teacher cache needs distill.teacher (the model to run) and distill.teacher_cache "
+                         "(the output directory)")
+    if os.path.exists(os.path.join(d.teacher_cache, MANIFEST)):
+        raise ValueError(f"distill.teacher_cache={d.teacher_cache} already holds a cache; delete it or choose "
+                         "another directory")
+    lm = LanguageModelingTask(cfg)  # fills model.vocab_size from the data
+    teacher, teacher_cfg = load_model(d.teacher)
+    if teacher_cfg.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"distill.teacher has vocab_size={teacher_cfg.vocab_size} but data.path's tokenizer has "
+                         f"{cfg.model.vocab_size}; use the data the teacher was trained on")
+    rank, world, _ = init_distributed(local_rank)
+    teacher.requires_grad_(False)
+    teacher.to(device())
+    if d.teacher_bf16:
+        teacher.to(torch.bfloat16)
+    info = {"path": os.path.abspath(d.teacher), "model": teacher_cfg.model_dump(mode="json"),
+            "weights_crc32": tensor_crc(teacher)}
+    manifest = write_teacher_cache(d.teacher_cache, teacher, lm.train_dataset(), k=d.cache_topk or 32,
+                                   temperature=d.temperature, vocab_size=cfg.model.vocab_size,
+                                   value_dtype=d.cache_dtype, num_samples=d.cache_samples,
+                                   micro_batch_size=cfg.train.micro_batch_size, rank=rank, world=world,
+                                   teacher_info=info, log=lambda m: print(m, flush=True) if rank == 0 else None)
+    if dist.is_initialized():
+        dist.barrier()  # every shard is on disk before the manifest makes the cache visible
+    if _is_writer():
+        print(f"teacher cache: {write_manifest(d.teacher_cache, manifest)} ({manifest['num_samples']} samples, "
+              f"k={manifest['k']}, T={manifest['temperature']})", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return d.teacher_cache
+
+
+__all__ = ["run_prune", "run_distill", "run_cache_teacher", "with_fields", "GivenModelTask", "student_state"]

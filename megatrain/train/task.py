@@ -32,3 +32,8 @@ class Task(Protocol):
 
     def items_in(self, batch: dict[str, torch.Tensor]) -> int:
         """Tokens (LM) or samples (classification) in a batch, for throughput."""
+
+    # Optional, for pipeline parallelism (pp > 1), where DeepSpeed computes the loss on the last stage from
+    # (outputs, labels) only. Without them the labels are batch["labels"] and the loss is loss_from_logits.
+    #   pipeline_labels(batch) -> Tensor | tuple[Tensor, ...]: what travels to the last stage as labels
+    #   pipeline_loss(outputs, labels) -> Tensor: the mean loss from those labels

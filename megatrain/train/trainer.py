@@ -142,6 +142,8 @@ class Trainer:
         self.resumed_from = res.step_dir
 
     def _pipeline_loss(self, logits, labels):
+        if hasattr(self.task, "pipeline_loss"):  # labels as the task's pipeline_labels gave them (maybe a tuple)
+            return self.task.pipeline_loss(logits, labels)
         return self.task.loss_from_logits(logits, {"labels": labels})[0]
 
     # ---- data --------------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ class Trainer:
         totals = self._reduce(totals, dims.dp_group)
         return self.task.summarize(totals), items * dims.dp
 
-    def _rank_micro_batches(self, indices: list[int], dataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _rank_micro_batches(self, indices: list[int], dataset) -> list[tuple]:
         from megatrain.data.sampler import rank_slice
         lay, dims = self.layout, self.dims
         out = []
@@ -206,7 +208,8 @@ class Trainer:
             mb = rank_slice(indices, dp_rank=dims.dp_rank, dp_size=dims.dp, micro_batch_size=lay.micro_batch_size,
                             micro_step=micro)
             batch = self._micro_batch(mb, dataset)
-            out.append((batch["input_ids"], batch["labels"]))
+            labels = self.task.pipeline_labels(batch) if hasattr(self.task, "pipeline_labels") else batch["labels"]
+            out.append((batch["input_ids"], labels))
         return out
 
     def _pipeline_step(self, indices: list[int]) -> tuple[dict[str, float], int]:
