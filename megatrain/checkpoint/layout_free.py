@@ -24,7 +24,7 @@ from megatrain.checkpoint.store import (FORMAT, CheckpointError, CheckpointSourc
 # model.* fields that decide tensor shapes: a checkpoint loads only into a model that agrees on them
 SHAPE_FIELDS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
                 "max_seq_len", "tie_embeddings", "num_classes", "in_channels", "widths", "blocks_per_stage", "block",
-                "bidirectional", "task")
+                "bidirectional", "task", "inner_widths", "rnn_hidden_size")
 
 
 @dataclass

@@ -98,15 +98,13 @@ def magnitude_scores(model: nn.Module, *, kind: str = "l2", tp_group=None) -> Sc
     return _assemble(*_unit_mass(model, fn), kind, tp_group)
 
 
-def taylor_scores(model: nn.Module, batches: Iterable[dict], loss_fn, *, tp_group=None, dp_group=None) -> Scores:
-    """First-order Taylor: Σ over calibration batches of |w·∂L/∂w|, summed over each unit's elements.
-
-    |w·g| estimates the loss change of zeroing w (Molchanov et al. 2019); it is taken per batch, then summed,
-    so opposite-signed gradients of different batches do not cancel."""
+def taylor_mass(model: nn.Module, batches: Iterable[dict], loss_fn) -> dict[int, torch.Tensor]:
+    """id(param) -> Σ over batches of |w·∂L/∂w| per element (float64), in eval mode (no dropout, BN running
+    statistics): the score of a fixed model on fixed data."""
     params = [p for p in model.parameters() if p.requires_grad]
     acc = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in params}
     was_training = model.training
-    model.eval()  # no dropout: the score of a fixed model on fixed data
+    model.eval()
     for batch in batches:
         for p in params:
             p.grad = None
@@ -118,6 +116,15 @@ def taylor_scores(model: nn.Module, batches: Iterable[dict], loss_fn, *, tp_grou
     for p in params:
         p.grad = None
     model.train(was_training)
+    return acc
+
+
+def taylor_scores(model: nn.Module, batches: Iterable[dict], loss_fn, *, tp_group=None, dp_group=None) -> Scores:
+    """First-order Taylor: Σ over calibration batches of |w·∂L/∂w|, summed over each unit's elements.
+
+    |w·g| estimates the loss change of zeroing w (Molchanov et al. 2019); it is taken per batch, then summed,
+    so opposite-signed gradients of different batches do not cancel."""
+    acc = taylor_mass(model, batches, loss_fn)
     qs, kvs, mlps = _unit_mass(model, lambda p: acc[id(p)])
     s = _assemble(qs, kvs, mlps, "taylor", tp_group)
     return Scores(_sum_over(s.q, dp_group), _sum_over(s.kv, dp_group), _sum_over(s.mlp, dp_group),

@@ -28,7 +28,7 @@ def save_model(out_dir: str, model: torch.nn.Module, model_cfg: ModelConfig, *, 
     os.makedirs(out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model_cfg.tied:  # safetensors refuses shared storage; the tie is restored from the config on load
-        state.pop("head.lm_head.weight", None)
+        state.pop(tied_keys(model_cfg)[0], None)
     tmp = os.path.join(out_dir, f".{MODEL_FILE}.tmp")
     save_file(state, tmp)
     os.replace(tmp, os.path.join(out_dir, MODEL_FILE))
@@ -88,7 +88,8 @@ def load_model_state(path: str) -> tuple[ModelConfig, dict]:
             model_cfg = ModelConfig(**yaml.safe_load(f)["model"])
         state = load_file(os.path.join(path, MODEL_FILE))
         if model_cfg.tied:
-            state["head.lm_head.weight"] = state["embed.wte.weight"]
+            head, embed = tied_keys(model_cfg)
+            state[head] = state[embed]
         return model_cfg, state
     if os.path.isfile(os.path.join(path, "config.json")):
         return _from_hf(path)
@@ -101,15 +102,39 @@ def load_model_state(path: str) -> tuple[ModelConfig, dict]:
         cfg, state = layout_free(step)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         if cfg.model.tied:
-            state.setdefault("head.lm_head.weight", state["embed.wte.weight"])
+            head, embed = tied_keys(cfg.model)
+            state.setdefault(head, state[embed])
         return cfg.model, state
     return _from_deepspeed(step)
 
 
+def tied_keys(model_cfg: ModelConfig) -> tuple[str, str]:
+    """(LM head, embedding) state-dict keys of a model whose head shares the embedding."""
+    return ("head.lm_head.weight", "embed.wte.weight") if model_cfg.is_transformer else ("lm_head.weight",
+                                                                                          "embed.weight")
+
+
+def build_plain(model_cfg: ModelConfig, state: dict | None = None, *, seed: int = 0) -> torch.nn.Module:
+    """The plain model of ``model_cfg`` (any arch), loaded strictly from ``state`` when given. A ResNet's stem
+    is read from the state (its config does not record it); RNNs are LMs or classifiers by model.task."""
+    if model_cfg.arch == "resnet":
+        from megatrain.compress.units_cnn import resnet_stem
+        from megatrain.models.cnn import build_resnet
+        model = build_resnet(model_cfg, seed=seed, stem=resnet_stem(state) if state is not None else "small")
+    elif model_cfg.arch in ("lstm", "gru"):
+        from megatrain.models.rnn import build_rnn_classifier, build_rnn_lm
+        build = build_rnn_lm if model_cfg.task == "language_modeling" else build_rnn_classifier
+        model = build(model_cfg, model_cfg.vocab_size, seed=seed)
+    else:
+        from megatrain.models.transformer import build_transformer
+        model = build_transformer(model_cfg, seed=seed)
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    return model
+
+
 def load_model(path: str, *, seed: int = 0) -> tuple[torch.nn.Module, ModelConfig]:
-    """A plain Transformer with the weights from ``path`` (strict: every tensor must match the config)."""
-    from megatrain.models.transformer import build_transformer
+    """A plain model (Transformer, ResNet, LSTM/GRU) with the weights from ``path`` (strict: every tensor
+    must match the config)."""
     model_cfg, state = load_model_state(path)
-    model = build_transformer(model_cfg, seed=seed)
-    model.load_state_dict(state, strict=True)
-    return model, model_cfg
+    return build_plain(model_cfg, state, seed=seed), model_cfg

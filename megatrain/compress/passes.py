@@ -127,6 +127,9 @@ def _is_writer() -> bool:
 
 def run_prune(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
     """Prune cfg.prune.source (or the config's model) to the target sizes; returns the table rows."""
+    if not cfg.model.is_transformer:  # ResNet channels / RNN hidden units, through the config's own task
+        from megatrain.compress.passes_channels import run_prune_channels
+        return run_prune_channels(cfg, local_rank=local_rank)
     p = cfg.prune
     lm = LanguageModelingTask(cfg)  # fills model.vocab_size from the data
     model, model_cfg = _source_model(cfg, p.source, "prune.source")

@@ -57,7 +57,11 @@ def _check_tp(kept: int, n: int, tp: int, field: str, frac: float, what: str) ->
 def target_sizes(m: ModelConfig, p: PruneConfig, *, tp: int = 1) -> Sizes:
     """The sizes prune.{mlp,heads,layers} ask for, checked for divisibility by tp."""
     if not m.is_transformer:
-        raise ValueError(f"model.arch={m.arch}: structured pruning supports gpt2/llama Transformers only")
+        raise ValueError(f"model.arch={m.arch}: prune.mlp/heads/layers are for gpt2/llama Transformers; "
+                         "prune resnet/lstm/gru with prune.channels (megatrain.compress.prune_channels)")
+    if p.channels:
+        raise ValueError(f"prune.channels is for resnet/lstm/gru; for model.arch={m.arch} use prune.mlp, "
+                         "prune.heads or prune.layers (and set prune.channels=0)")
     s = Sizes.of(m)
     layers = s.num_layers - _removed(p.layers, s.num_layers, "layers", "block")
     ffn = s.ffn - _removed(p.mlp, s.ffn, "mlp", "MLP channel")

@@ -88,10 +88,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(rows: list[dict], out_dir: str, name: str = "compression") -> str:
-    """Write <out_dir>/<name>.md and .json; returns the markdown."""
+def write_table(rows: list[dict], out_dir: str, name: str = "compression", *, render=markdown) -> str:
+    """Write <out_dir>/<name>.md (``render(rows)``) and .json; returns the markdown."""
     os.makedirs(out_dir, exist_ok=True)
-    md = markdown(rows)
+    md = render(rows)
     atomic_write_text(os.path.join(out_dir, f"{name}.md"), md)
     atomic_write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(rows, indent=1))
     return md

@@ -22,12 +22,12 @@ IMAGENET_STEM_MIN_SIZE = 64
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_ch: int, width: int, *, stride: int):
+    def __init__(self, in_ch: int, width: int, *, stride: int, inner: int | None = None):
         super().__init__()
-        out_ch = width * self.expansion
-        self.conv1 = nn.Conv2d(in_ch, width, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, out_ch, 3, padding=1, bias=False)
+        out_ch, inner = width * self.expansion, inner or width  # inner < width after channel pruning
+        self.conv1 = nn.Conv2d(in_ch, inner, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, out_ch, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.shortcut = _shortcut(in_ch, out_ch, stride)
         self.act = nn.ReLU(inplace=True)
@@ -45,15 +45,15 @@ class BasicBlock(nn.Module):
 class BottleneckBlock(nn.Module):
     expansion = 4
 
-    def __init__(self, in_ch: int, width: int, *, stride: int):
+    def __init__(self, in_ch: int, width: int, *, stride: int, inner: int | None = None):
         super().__init__()
-        out_ch = width * self.expansion
-        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        out_ch, inner = width * self.expansion, inner or width  # inner < width after channel pruning
+        self.conv1 = nn.Conv2d(in_ch, inner, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
         # stride on the 3×3 conv (ResNet v1.5): downsampling in a 1×1 conv would drop 3/4 of the pixels unseen
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = nn.Conv2d(inner, out_ch, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
         self.shortcut = _shortcut(in_ch, out_ch, stride)
         self.act = nn.ReLU(inplace=True)
@@ -78,7 +78,7 @@ def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
 class ResNet(nn.Module):
     def __init__(self, *, in_channels: int, num_classes: int, widths: list[int], blocks_per_stage: list[int],
                  block: Literal["basic", "bottleneck"] = "basic", stem: Literal["small", "imagenet"] = "small",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, inner_widths: list[int] | None = None):
         super().__init__()
         if not widths:
             raise ValueError("model.widths is empty; give one width per stage, e.g. [16, 32, 64]")
@@ -87,6 +87,9 @@ class ResNet(nn.Module):
                              f"{len(blocks_per_stage)}; give one block count per width")
         if any(w <= 0 for w in widths) or any(n <= 0 for n in blocks_per_stage):
             raise ValueError(f"model.widths={widths} and model.blocks_per_stage={blocks_per_stage} must be positive")
+        inner_widths = list(inner_widths) if inner_widths is not None else list(widths)
+        if len(inner_widths) != len(widths) or any(w <= 0 for w in inner_widths):
+            raise ValueError(f"model.inner_widths={inner_widths} needs one positive width per stage of {widths}")
         block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[block]
         stem_ch = widths[0]
         if stem == "small":
@@ -99,11 +102,11 @@ class ResNet(nn.Module):
         else:
             raise ValueError(f"stem={stem!r} is not one of small, imagenet")
         stages, ch = [], stem_ch
-        for i, (width, num_blocks) in enumerate(zip(widths, blocks_per_stage)):
+        for i, (width, inner, num_blocks) in enumerate(zip(widths, inner_widths, blocks_per_stage)):
             blocks = []
             for j in range(num_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(block_cls(ch, width, stride=stride))
+                blocks.append(block_cls(ch, width, stride=stride, inner=inner))
                 ch = width * block_cls.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -154,6 +157,7 @@ def build_resnet(model_cfg: ModelConfig, *, seed: int | None = None, image_size:
             return build_resnet(model_cfg, seed=None, image_size=image_size, stem=stem)
     model = ResNet(in_channels=model_cfg.in_channels, num_classes=model_cfg.num_classes,
                    widths=list(model_cfg.widths), blocks_per_stage=list(model_cfg.blocks_per_stage),
-                   block=model_cfg.block, stem=stem, dropout=model_cfg.dropout)
+                   block=model_cfg.block, stem=stem, dropout=model_cfg.dropout,
+                   inner_widths=model_cfg.stage_inner_widths)
     init_resnet(model)
     return model

@@ -1,6 +1,7 @@
 """LSTM / GRU models (pure architecture, plain torch): a language model and a sequence classifier.
 
-Both embed tokens into ``hidden_size`` and run a multi-layer ``nn.LSTM``/``nn.GRU`` (dropout between layers).
+Both embed tokens into ``hidden_size`` and run a multi-layer ``nn.LSTM``/``nn.GRU`` (dropout between layers) of
+``rnn_width`` units (``model.rnn_hidden_size``, default hidden_size; smaller after hidden-unit pruning).
 The LM predicts the next token at every position, so it is unidirectional (a backward pass would read the
 answer); its head may share the embedding matrix (``model.tie_embeddings``, Press & Wolf 2017). The classifier
 may be bidirectional and classifies from the final hidden state of the top layer (both directions concatenated).
@@ -26,7 +27,7 @@ def _check(model_cfg: ModelConfig, vocab_size: int) -> None:
 def _make_rnn(model_cfg: ModelConfig, *, bidirectional: bool) -> nn.RNNBase:
     # nn.LSTM applies dropout only between layers; it warns (and does nothing) with one layer.
     between = model_cfg.dropout if model_cfg.num_layers > 1 else 0.0
-    return _RNN[model_cfg.arch](model_cfg.hidden_size, model_cfg.hidden_size, num_layers=model_cfg.num_layers,
+    return _RNN[model_cfg.arch](model_cfg.hidden_size, model_cfg.rnn_width, num_layers=model_cfg.num_layers,
                                 dropout=between, batch_first=True, bidirectional=bidirectional)
 
 
@@ -51,17 +52,16 @@ class RNNLanguageModel(nn.Module):
         if model_cfg.bidirectional:
             raise ValueError("model.bidirectional=true with task language_modeling would see future tokens; "
                              "set bidirectional: false (it is for classification)")
-        h = model_cfg.hidden_size
-        self.embed = nn.Embedding(vocab_size, h)
+        self.embed = nn.Embedding(vocab_size, model_cfg.hidden_size)
         self.drop = nn.Dropout(model_cfg.dropout)
         self.rnn = _make_rnn(model_cfg, bidirectional=False)
-        self.lm_head = nn.Linear(h, vocab_size, bias=False)
+        self.lm_head = nn.Linear(model_cfg.rnn_width, vocab_size, bias=False)
         self.tied = model_cfg.tied
         if self.tied:
             self.lm_head.weight = self.embed.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> logits (B, T, V)
-        x = self.drop(self.embed(input_ids))  # (B, T, H)
+        x = self.drop(self.embed(input_ids))  # (B, T, E)
         h, _ = self.rnn(x)  # (B, T, H)
         return self.lm_head(self.drop(h))
 
@@ -75,16 +75,15 @@ class RNNClassifier(nn.Module):
     def __init__(self, model_cfg: ModelConfig, vocab_size: int):
         super().__init__()
         _check(model_cfg, vocab_size)
-        h = model_cfg.hidden_size
         self.num_directions = 2 if model_cfg.bidirectional else 1
-        self.embed = nn.Embedding(vocab_size, h)
+        self.embed = nn.Embedding(vocab_size, model_cfg.hidden_size)
         self.drop = nn.Dropout(model_cfg.dropout)
         self.rnn = _make_rnn(model_cfg, bidirectional=model_cfg.bidirectional)
-        self.fc = nn.Linear(h * self.num_directions, model_cfg.num_classes)
+        self.fc = nn.Linear(model_cfg.rnn_width * self.num_directions, model_cfg.num_classes)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids, optional (B,) true lengths of right-padded rows -> logits (B, num_classes)."""
-        x = self.drop(self.embed(input_ids))  # (B, T, H)
+        x = self.drop(self.embed(input_ids))  # (B, T, E)
         if lengths is not None:
             # packing makes the final state the one at each row's own last token, not at the padding
             x = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -101,7 +100,7 @@ class RNNClassifier(nn.Module):
 def _init(model: nn.Module, model_cfg: ModelConfig) -> None:
     with torch.no_grad():
         model.embed.weight.normal_(0.0, model_cfg.init_std)  # small: a tied head starts near uniform logits
-    _init_rnn(model.rnn, model_cfg.hidden_size)
+    _init_rnn(model.rnn, model_cfg.rnn_width)
 
 
 def _build(cls, model_cfg: ModelConfig, vocab_size: int, seed: int | None):

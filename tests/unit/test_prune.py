@@ -159,5 +159,5 @@ def test_bad_inputs_are_one_line_errors():
         target_sizes(cfg, PruneConfig(mlp=0.51), tp=2)
     with pytest.raises(ValueError, match=r"prune.layers=0.1 removes no block of 3"):
         target_sizes(cfg, PruneConfig(layers=0.1))
-    with pytest.raises(ValueError, match=r"structured pruning supports gpt2/llama"):
+    with pytest.raises(ValueError, match=r"prune.mlp/heads/layers are for gpt2/llama Transformers"):
         target_sizes(ModelConfig(arch="lstm"), PruneConfig(mlp=0.5))
