@@ -68,9 +68,12 @@ def run_prune_channels(cfg: Config, *, local_rank: int | None = None) -> list[di
     steps = p.iterations if p.schedule == "iterative" else 1
     batches = _calibration(cfg, lay, dims, train) if p.importance in ("taylor", "activation") else []
     dp_group = dims.dp_group if dims.dp > 1 else None
+
+    def loss_fn(m, b):  # the current step's task (its config has the current sizes)
+        return task.loss_and_stats(m, b)[0]
+
     for i in range(1, steps + 1):
         new = step_channel_sizes(start, target, i, steps)
-        loss_fn = (lambda t: lambda m, b: t.loss_and_stats(m, b)[0])(task)
         scores = channel_scores(p.importance, model.to(device()), model_cfg, batches, loss_fn, dp_group=dp_group)
         model, model_cfg = prune_channels(model, model_cfg, scores, new)
         cfg = with_fields(cfg, model=model_cfg)
