@@ -72,6 +72,41 @@ def placeholders_(model: nn.Module) -> None:
     swap_parameters_(model, stand_in, only={id(p) for p in model.parameters() if p.is_meta})
 
 
+class StateSource:
+    """Full tensors from an in-memory state dict (a pruned/distilled model dir, ``model.init_from``)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], origin: str):
+        self.state, self.origin = state, origin
+
+    def has(self, name: str) -> bool:
+        return name in self.state
+
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        if name not in self.state:
+            raise ValueError(f"{self.origin} has no tensor {name!r}; it holds another architecture")
+        t = self.state[name]
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{self.origin}: tensor {name!r} has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(shape)}; the config's model sizes differ from the saved model's")
+        return t
+
+
+def load_buffers_(model: nn.Module, source) -> int:
+    """Copy saved buffers (BatchNorm running statistics, step counters) into ``model``. Buffers are state, not
+    parameters: without this a resumed or re-initialised CNN would evaluate with fresh running statistics.
+    Only sources that say which tensors they hold (``has``) are read; the name-seeded init has none."""
+    if not hasattr(source, "has"):
+        return 0
+    count = 0
+    with torch.no_grad():
+        for buf in model.buffers():
+            name = getattr(buf, "logical_name", None)
+            if name is not None and source.has(name):
+                buf.copy_(source.tensor(name, tuple(buf.shape)).to(buf.dtype))
+                count += 1
+    return count
+
+
 def _is_stand_in(p: torch.Tensor) -> bool:
     return p.is_meta or getattr(p, "stand_in", False)
 

@@ -39,6 +39,10 @@ class ModelConfig(Section):
     kernel_overrides: dict[str, str] = Field(
         default_factory=dict, description="Per-op backend, e.g. {attention: triton, rms_norm: torch}.")
     from_hf: Optional[str] = Field(None, description="Local Hugging Face model directory to initialise from.")
+    init_from: Optional[str] = Field(
+        None, description="Initialise the weights (and BatchNorm statistics) from a saved model: a pruned/distilled "
+                          "model dir, a megatrain run/checkpoint dir or a Hugging Face dir; optimizer and schedule "
+                          "start fresh. Its model sizes must equal the config's.")
     # CNN / RNN fields (used by arch resnet / lstm / gru)
     num_classes: int = Field(10, gt=0, description="Classes for classification heads (resnet, rnn classification).")
     in_channels: int = Field(1, gt=0, description="Image channels (resnet).")
@@ -102,6 +106,8 @@ class ModelConfig(Section):
                                  f"{self.kv_heads}; choose num_kv_heads dividing num_heads")
             if self.arch == "llama" and self.attn_head_dim % 2:
                 raise ValueError(f"model: head_dim={self.attn_head_dim} must be even for RoPE; change hidden_size/num_heads")
+        if self.init_from and self.from_hf:
+            raise ValueError("model.init_from and model.from_hf are both set; choose one weights source")
         if self.inner_widths is not None and (len(self.inner_widths) != len(self.widths)
                                               or any(w <= 0 for w in self.inner_widths)):
             raise ValueError(f"model.inner_widths={self.inner_widths} needs one positive width per stage of "

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from megatrain import ops
-from megatrain.checkpoint.materialize import InitSource, materialize_, placeholders_
+from megatrain.checkpoint.materialize import InitSource, load_buffers_, materialize_, placeholders_
 from megatrain.checkpoint.shards import tag_logical_names
 from megatrain.config.schema import Config
 from megatrain.dist.tp_layers import register_sequence_parallel_hooks
@@ -20,8 +20,9 @@ def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None, source=Non
     2. tensor (+ sequence) parallel over dims.tp_group — on meta tensors when the model was built on meta;
     3. activation checkpointing of the blocks (per block, so it holds inside pipeline stages too);
     4. pipeline split over dims (DeepSpeed PipelineModule, computing ``loss_fn`` on the last stage) when pp > 1;
-    5. materialisation of the parameters this rank keeps, from ``source`` (a checkpoint or Hugging Face
-       directory) or the name-seeded init — one logical tensor at a time;
+    5. materialisation of the parameters this rank keeps, from ``source`` (a checkpoint, a saved model dir or a
+       Hugging Face directory) or the name-seeded init — one logical tensor at a time; saved buffers
+       (BatchNorm statistics) are copied too;
     ZeRO partitioning over dims.dp_group is DeepSpeed's, at deepspeed.initialize.
     """
     tag_logical_names(model)
@@ -48,5 +49,6 @@ def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None, source=Non
         model = to_pipeline_module(model, cfg, dims, loss_fn)
     if source is not None:
         materialize_(model, source, **fill)
+        load_buffers_(model, source)
     register_sequence_parallel_hooks(model)
     return model

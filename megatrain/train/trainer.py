@@ -113,9 +113,12 @@ class Trainer:
         return open_resume(step_dir, self.cfg.model) if step_dir else None
 
     def _weights_source(self):
-        """Where parameters come from: the checkpoint being resumed, a Hugging Face directory, or init."""
+        """Where parameters come from: the checkpoint being resumed, a saved model (model.init_from), a Hugging
+        Face directory, or init."""
         if self.resume is not None:
             return self.resume.model
+        if self.cfg.model.init_from:
+            return init_source(self.cfg.model)
         if self.cfg.model.from_hf:
             from megatrain.interop.hf import HFSource
             return HFSource(self.cfg.model.from_hf, self.cfg.model)
@@ -343,3 +346,25 @@ class Trainer:
             if path:
                 logger.message(f"report: {path}")
         return last
+
+
+def init_source(model_cfg):
+    """The weights of ``model.init_from`` as a tensor source, after checking its sizes equal the config's."""
+    from megatrain.checkpoint.layout_free import SHAPE_FIELDS
+    from megatrain.checkpoint.materialize import StateSource
+    from megatrain.compress.io import load_model_state
+
+    path = model_cfg.init_from
+    saved, state = load_model_state(path)
+    # compare what the fields mean (num_kv_heads None = num_heads, ...), not how they were written
+    derived = {"num_kv_heads": "kv_heads", "head_dim": "attn_head_dim", "tie_embeddings": "tied",
+               "ffn_hidden_size": "ffn_size", "inner_widths": "stage_inner_widths", "rnn_hidden_size": "rnn_width"}
+    for field in SHAPE_FIELDS:
+        key = derived.get(field, field)
+        if getattr(saved, key) != getattr(model_cfg, key):
+            value = getattr(saved, key)
+            arg = str(value).replace(" ", "") if not isinstance(value, bool) else str(value).lower()
+            raise ValueError(f"model.init_from={path} holds a model with model.{field}={value!r} but the config has "
+                             f"{getattr(model_cfg, key)!r}; pass --model.{field}={arg} (the saved config.yaml "
+                             "lists all sizes)")
+    return StateSource(state, f"model.init_from={path}")

@@ -33,8 +33,21 @@ def test_prune_digits_cnn(tmp_path):
     model, cfg = load_model(str(pruned))  # a normal megatrain model: strict load against its config
     assert cfg.inner_widths == [4, 8] and cfg.widths == [8, 16]
     assert [s[0].conv1.out_channels for s in model.stages] == [4, 8] and model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
-    # the pruned sizes are an ordinary config: the Trainer builds and trains that model
-    run_ranks(1, ["launch/pretrain.py", *TINY, "--train.max_steps=2", "--model.inner_widths=[4,8]",
-                  "--checkpoint.save_final=false", f"--log.dir={tmp_path / 'again'}"], timeout=200)
-    last = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert last["step"] == 2 and last["loss"] > 0
+    # the pruned model is an ordinary config: the Trainer continues from its weights (model.init_from); with a
+    # vanishing learning rate the parameters stay the pruned ones and the BN statistics are the saved ones
+    # moved by one step's momentum, not a fresh init's (mean 0, var 1)
+    again = tmp_path / "again"
+    run_ranks(1, ["launch/pretrain.py", *TINY, "--train.max_steps=1", "--model.inner_widths=[4,8]",
+                  f"--model.init_from={pruned}", "--train.lr=1e-30", "--train.min_lr=0", "--train.warmup_steps=0",
+                  "--train.weight_decay=0", f"--log.dir={again}"], timeout=200)
+    cont, _ = load_model(str(again))
+    ref = model.state_dict()
+    for name, value in cont.state_dict().items():
+        if name.endswith("running_var"):
+            assert not torch.allclose(value, torch.ones_like(value)), name
+            torch.testing.assert_close(value, ref[name], rtol=0.5, atol=0.05, msg=name)
+        elif value.is_floating_point() and "running_mean" not in name:
+            torch.testing.assert_close(value, ref[name], rtol=1e-6, atol=1e-6, msg=name)
+    bad = run_ranks(1, ["launch/pretrain.py", *TINY, "--train.max_steps=1", f"--model.init_from={pruned}",
+                        f"--log.dir={tmp_path / 'bad'}"], timeout=200, check=False)[0]
+    assert bad.returncode != 0 and "pass --model.inner_widths=[4,8]" in bad.stderr, bad.stderr[-2000:]
