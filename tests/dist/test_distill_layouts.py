@@ -1,4 +1,4 @@
-"""Distillation from a teacher cache under pp=2 and under ZeRO-3 (2 ranks each) gives the one-process result.
+"""Distillation from a teacher cache under pp=2, tp=2 and ZeRO-3 (2 ranks each) gives the one-process result.
 
 The cached targets travel with the batch as pipeline labels to the last stage; under ZeRO-3 the student's full
 weights are gathered through DeepSpeed after training. Tolerance as in test_layout_parity: the layouts compute
@@ -64,6 +64,11 @@ def _assert_same(got, reference):
 
 def test_pp2_from_the_cache_matches_one_process(tiny_corpus, cache, reference, tmp_path):
     _assert_same(_distill(tiny_corpus, cache, tmp_path, 2, **{"parallel.pp": 2}), reference)
+
+
+def test_tp2_from_the_cache_matches_one_process(tiny_corpus, cache, reference, tmp_path):
+    # vocab-sharded student logits: the k selected logits are picked on their owning rank and all-reduced
+    _assert_same(_distill(tiny_corpus, cache, tmp_path, 2, **{"parallel.tp": 2}), reference)
 
 
 def test_zero3_matches_one_process(tiny_corpus, cache, reference, tmp_path):

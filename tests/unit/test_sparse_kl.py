@@ -11,11 +11,13 @@ from megatrain.testing import spawn_group
 def _coarsened_kl_reference(s, t, ids, T):
     """KL between teacher and student, each reduced to the k tokens ``ids`` plus one bucket for all other tokens,
     from the full distributions in float64 (autograd gives the reference gradient)."""
-    q = torch.softmax(s.double() / T, -1)  # (N, V)
-    p = torch.softmax(t.double() / T, -1)
-    p_k, q_k = p.gather(1, ids), q.gather(1, ids)  # (N, k)
-    p_r, q_r = 1 - p_k.sum(-1), 1 - q_k.sum(-1)  # (N,) tail masses
-    return (p_k * (p_k.log() - q_k.log())).sum(-1) + p_r * (p_r.log() - q_r.log())
+    log_q = torch.log_softmax(s.double() / T, -1)  # (N, V)
+    log_p = torch.log_softmax(t.double() / T, -1)
+    others = torch.ones_like(log_q, dtype=torch.bool).scatter(1, ids, False)  # (N, V) tokens outside K
+    lq_k, lp_k = log_q.gather(1, ids), log_p.gather(1, ids)  # (N, k)
+    lq_r = log_q.masked_fill(~others, float("-inf")).logsumexp(-1)  # (N,) log tail masses, no cancellation
+    lp_r = log_p.masked_fill(~others, float("-inf")).logsumexp(-1)
+    return (lp_k.exp() * (lp_k - lq_k)).sum(-1) + lp_r.exp() * (lp_r - lq_r)
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0, 0.5])
@@ -52,6 +54,26 @@ def test_topk_matches_float64_reference_and_gradient(k):
     assert (kl <= kl_per_token(s, t, temperature=T) + 1e-6).all() and (kl > 0).all()
 
 
+def test_student_tail_far_below_its_max_stays_finite_and_exact():
+    # The student puts its tail 200 nats below the top-k (fp32 exp underflows to 0 there) while the teacher
+    # keeps real tail mass: the KL and its gradient must still match float64, not become inf or nan.
+    torch.manual_seed(4)
+    T = 1.0
+    t = torch.randn(4, 30) * 2
+    ids, logp, tail = topk_targets(t, k=5, temperature=T)
+    s = torch.full((4, 30), -200.0).scatter(1, ids, torch.randn(4, 5))
+    s[3] = torch.randn(30)  # an ordinary row beside them
+    s.requires_grad_(True)
+    kl = sparse_kl(s, ids, logp, tail, temperature=T, vocab_size=30)
+    ref_s = s.detach().double().requires_grad_(True)
+    ref = _coarsened_kl_reference(ref_s, t, ids, T)
+    assert torch.isfinite(kl).all() and kl[:3].min() > 10  # the tail term dominates: r·(log r + ~200)
+    torch.testing.assert_close(kl.double(), ref, rtol=1e-5, atol=1e-5)
+    kl.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(s.grad.double(), ref_s.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_fp16_storage_is_renormalised():
     torch.manual_seed(3)
     s, t = torch.randn(5, 50), torch.randn(5, 50) * 5
@@ -85,5 +107,6 @@ def test_vocab_parallel_sparse_kl_equals_tp1():
     s, t = torch.randn(6, padded), torch.randn(6, vocab) * 3
     s[:, vocab:] = 100.0  # padding must count neither in the partition function nor in the tail
     ids, logp, tail = topk_targets(t, k=5, temperature=T)
+    s[0, :vocab] = torch.full((vocab,), -500.0).scatter(0, ids[0], 1.0)  # a row whose tail underflows
     assert (ids < 7).any() and (ids >= 7).any()  # selected tokens on both ranks
     spawn_group(2, _tp_worker, s, ids, logp, tail, vocab, T)
