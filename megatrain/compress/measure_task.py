@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils.data import default_collate
 
 from megatrain.config.schema import Config, ModelConfig
+from megatrain.data.sampler import eval_batch_count
 from megatrain.dist.env import device as current_device
 
 
@@ -88,7 +89,7 @@ def validate(model: nn.Module, task, dataset, *, micro_batch_size: int, num_batc
     dev = current_device()
     model.eval()
     totals: dict[str, torch.Tensor] = {}
-    for b in range(num_batches or -(-len(dataset) // micro_batch_size)):
+    for b in range(eval_batch_count(num_batches, len(dataset), micro_batch_size=micro_batch_size)):
         if b * micro_batch_size >= len(dataset):
             break
         n = min(micro_batch_size, len(dataset) - b * micro_batch_size)  # the tail batch does not wrap around

@@ -28,11 +28,13 @@ def _batch(dataset, start: int, n: int, dev) -> dict:
 
 @torch.no_grad()
 def val_loss(model: torch.nn.Module, dataset, *, micro_batch_size: int, num_batches: int) -> float:
-    """Token-weighted mean next-token CE over the first num_batches micro-batches (one process, plain model)."""
+    """Token-weighted mean next-token CE over the first num_batches micro-batches (0 = all; one process,
+    plain model)."""
+    from megatrain.data.sampler import eval_batch_count
     dev = current_device()
     model.eval()
     total, count = 0.0, 0
-    for b in range(num_batches):
+    for b in range(eval_batch_count(num_batches, len(dataset), micro_batch_size=micro_batch_size)):
         if b * micro_batch_size >= len(dataset):
             break
         batch = _batch(dataset, b * micro_batch_size, micro_batch_size, dev)
