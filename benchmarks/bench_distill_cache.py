@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -25,6 +22,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -111,19 +111,14 @@ def main():
     full_mb = per_token * len(train) * cfg.seq_len / 2**20
     print(f"cache: {samples} samples, {cache_bytes / 2**20:.2f} MiB ({per_token:.0f} B/token), written in "
           f"{build_s:.1f} s; the whole training split ({len(train)} samples) would take {full_mb:.0f} MiB")
-    result = {"benchmark": "bench_distill_cache", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-              "device": str(live.device), "config": args.config, "overrides": overrides, "topk": args.topk,
+    result = {**common.run_header("bench_distill_cache", device=str(live.device), config=args.config, overrides=overrides),
+              "topk": args.topk,
               "value_dtype": d.cache_dtype, "tokens_per_step": tokens, "live_step_s": live_t,
               "cached_step_s": cached_t, "live_median_s": live_s, "cached_median_s": cached_s,
               "speedup": live_s / cached_s, "cache_samples": samples, "cache_bytes": cache_bytes,
               "cache_bytes_per_token": per_token, "cache_build_s": build_s,
               "full_split_samples": len(train), "full_split_cache_mib": full_mb}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    common.save_record(args.out, result)
     print(f"wrote {args.out}")
 
 

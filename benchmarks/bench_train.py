@@ -8,15 +8,15 @@ the two loops alternate in rounds so machine noise hits both alike. Prints a tab
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -105,16 +105,10 @@ def main():
         print(f"{name:40s} {tps:10.0f} {t * 1e3:18.1f}")
     ratio = mega_tps / bare_tps
     print(f"ratio megatrain / bare = {ratio:.3f} (target >= 0.95)")
-    result = {"benchmark": "bench_train", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-              "device": str(trainer.device), "config": args.config, "overrides": overrides,
+    result = {**common.run_header("bench_train", device=str(trainer.device), config=args.config, overrides=overrides),
               "tokens_per_step": tokens, "megatrain_tokens_per_s": mega_tps, "bare_tokens_per_s": bare_tps,
               "ratio": ratio, "megatrain_step_s": mega_t, "bare_step_s": bare_t}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    common.save_record(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -157,6 +157,24 @@ def print_table(rows: list[dict]) -> None:
               f"{fmt(r['x_vs_eager']):>8} {fmt(r['x_vs_compile']):>9}")
 
 
+def run_header(name: str, *, device: str, config: str, overrides) -> dict:
+    """The fields every end-to-end benchmark record starts with (what ran, where, when)."""
+    import platform
+
+    import torch
+    return {"benchmark": name, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "device": device, "config": config, "overrides": overrides}
+
+
+def save_record(path: str, record: dict) -> str:
+    """Write a JSON record atomically (temp + fsync + rename): an interrupted run never leaves half a result."""
+    from megatrain.fsutil import atomic_write_text
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return path
+
+
 def write_json(args: argparse.Namespace, rows: list[dict]) -> str | None:
     """Write the record under benchmarks/results/ (GPU runs only, or where --out says)."""
     info = env_info(args.device)
@@ -167,10 +185,7 @@ def write_json(args: argparse.Namespace, rows: list[dict]) -> str | None:
     else:
         gpu = info["gpu"].replace(" ", "_").replace("/", "_")
         path = os.path.join(RESULTS_DIR, f"{args.name}_{gpu}_{info['date'][:10]}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"benchmark": args.name, "env": info, "ceilings": CEILINGS, "rows": rows}, f, indent=1)
-    return path
+    return save_record(path, {"benchmark": args.name, "env": info, "ceilings": CEILINGS, "rows": rows})
 
 
 def run(args: argparse.Namespace, cases: list[Case]) -> list[dict]:
