@@ -112,6 +112,51 @@ def _activation_mass(model: nn.Module, groups: list[Group], batches, loss_fn) ->
     return {k: sums[k] / max(count[k], 1) for k in sums}
 
 
+def _single_layer(rnn: nn.RNNBase, layer: int) -> nn.RNNBase:
+    """Layer ``layer`` of a multi-layer nn.LSTM/GRU as a one-layer module sharing its weights (no copy)."""
+    dirs = 2 if rnn.bidirectional else 1
+    in_size = rnn.input_size if layer == 0 else rnn.hidden_size * dirs
+    one = type(rnn)(in_size, rnn.hidden_size, num_layers=1, bias=rnn.bias, batch_first=rnn.batch_first,
+                    bidirectional=rnn.bidirectional, device="meta")
+    for name in list(one._parameters):  # weight_ih_l0[_reverse] <- weight_ih_l{layer}[_reverse]
+        one._parameters[name] = getattr(rnn, name.replace("_l0", f"_l{layer}"))
+    one._flat_weights = [one._parameters[n] for n in one._flat_weights_names]
+    return one
+
+
+@torch.no_grad()
+def _rnn_activation_mass(model: nn.Module, batches, loss_fn) -> dict[str, torch.Tensor]:
+    """Mean |h_t| of every hidden unit of every layer and direction over the real (unpadded) positions: h_t is
+    all a unit passes on (to the next layer and the head), so a unit whose output stays near zero matters little.
+    nn.LSTM/GRU do not expose inner layers' outputs, so the layers are rerun one at a time on the input the
+    model's rnn received (packed sequences stay packed: only real tokens count)."""
+    rnn = model.rnn
+    h, dirs = rnn.hidden_size, 2 if rnn.bidirectional else 1
+    sums: dict[str, torch.Tensor] = {}
+    count = [0]
+
+    def pre_hook(_mod, args):
+        x = args[0]
+        for layer in range(rnn.num_layers):
+            x, _ = _single_layer(rnn, layer)(x)
+            out = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x.reshape(-1, x.shape[-1])  # (N, D·H)
+            for d in range(dirs):
+                key = f"rnn.l{layer}" + ("_reverse" if d else "")
+                sums[key] = sums.get(key, 0) + out[:, d * h:(d + 1) * h].double().abs().sum(0).cpu()
+        count[0] += out.shape[0]
+
+    hook = rnn.register_forward_pre_hook(pre_hook)
+    was_training = model.training
+    model.eval()  # no dropout between layers: the model's own eval-mode function
+    try:
+        for batch in batches:
+            loss_fn(model, batch)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return {k: v / max(count[0], 1) for k, v in sums.items()}
+
+
 def channel_scores(kind: str, model: nn.Module, m: ModelConfig, batches: list[dict], loss_fn=None, *,
                    dp_group=None) -> ChannelScores:
     """Importance of every unit of every group (magnitude, taylor or activation; see importance.py)."""
@@ -126,10 +171,9 @@ def channel_scores(kind: str, model: nn.Module, m: ModelConfig, batches: list[di
         mass = {n: acc[id(p)] for n, p in named.items() if id(p) in acc}
         return ChannelScores(_sum_over(unit_mass(groups, mass), dp_group), kind)
     if kind == "activation":
-        if m.arch != "resnet":
-            raise ValueError(f"prune.importance=activation is not available for model.arch={m.arch} (nn.{m.arch.upper()} "
-                             "hides the inner layers' outputs); use l1, l2 or taylor")
-        return ChannelScores(_sum_over(_activation_mass(model, groups, batches, loss_fn), dp_group), kind)
+        mass = _activation_mass(model, groups, batches, loss_fn) if m.arch == "resnet" else \
+            _rnn_activation_mass(model, batches, loss_fn)
+        return ChannelScores(_sum_over(mass, dp_group), kind)
     raise ValueError(f"prune.importance={kind!r} is unknown; use l1, l2, taylor or activation")
 
 

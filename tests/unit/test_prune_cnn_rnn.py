@@ -259,9 +259,29 @@ def test_bad_inputs_are_one_line_errors():
         build_config({"model": {"arch": "lstm", "tie_embeddings": True, "rnn_hidden_size": 8}})
     with pytest.raises(ConfigError, match=r"model.inner_widths=\[4\] needs one positive width per stage"):
         build_config({"model": dict(BASIC, inner_widths=[4])})
-    model, cfg = _rnn("lstm", "classification")
-    with pytest.raises(ValueError, match=r"prune.importance=activation is not available for model.arch=lstm"):
-        channel_scores("activation", model, cfg, [], None)
     from megatrain.compress.prune import target_sizes
     with pytest.raises(ValueError, match=r"prune.channels is for resnet/lstm/gru; .* use prune.mlp"):
         target_sizes(ModelConfig(arch="gpt2"), PruneConfig(channels=0.5))
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_rnn_activation_is_mean_abs_output_of_each_layer(arch):
+    """Hand computation with torch's own per-layer outputs: a 1-layer model's output is layer 0's h_t; a
+    2-layer bidirectional classifier's top-layer h_t comes back from nn.LSTM/GRU as its output too."""
+    model, cfg = _rnn(arch, "classification", bidirectional=True)
+    ids, lengths = _ids(), torch.tensor([7, 4, 6])
+
+    def loss_fn(m, b):
+        return m(b["ids"], b["lengths"]).sum()
+    act = channel_scores("activation", model, cfg, [{"ids": ids, "lengths": lengths}], loss_fn)
+    with torch.no_grad():
+        x = torch.nn.utils.rnn.pack_padded_sequence(model.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        top = model.rnn(x)[0].data  # (real tokens, 2·H): the top layer's h_t, both directions
+        one = type(model.rnn)(12, 12, num_layers=1, batch_first=True, bidirectional=True)
+        for n in one._flat_weights_names:  # the bottom layer alone
+            getattr(one, n).copy_(getattr(model.rnn, n))
+        bottom = one(x)[0].data
+    assert top.shape[0] == 17  # only real tokens count, not padding
+    for layer, out in ((0, bottom), (1, top)):
+        torch.testing.assert_close(act.units[f"rnn.l{layer}"], out[:, :12].abs().mean(0).double())
+        torch.testing.assert_close(act.units[f"rnn.l{layer}_reverse"], out[:, 12:].abs().mean(0).double())
