@@ -125,7 +125,7 @@ def measure_task(name: str, model: nn.Module, model_cfg: ModelConfig, cfg: Confi
 def markdown_task(rows: list[dict]) -> str:
     unit = rows[0]["unit"]
     acc = all("val_accuracy" in r for r in rows)
-    head = f"| model | inner widths | params | MFLOPs/{unit} | {unit}s/s | val loss |" + (" val accuracy |" if acc else "")
+    head = f"| model | pruned widths | params | MFLOPs/{unit} | {unit}s/s | val loss |" + (" val accuracy |" if acc else "")
     lines = [head, "|---|---|---:|---:|---:|---:|" + ("---:|" if acc else "")]
     for r in rows:
         line = (f"| {r['model']} | {r['widths']} | {r['params']:,} | {r['flops_per_item'] / 1e6:.3f} | "
