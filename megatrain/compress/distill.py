@@ -104,6 +104,8 @@ class DistillationTask:
                                  f"{self.teacher_cfg.kv_heads}/{self.teacher_cfg.ffn_size}) do not divide by "
                                  f"parallel.tp={dims.tp}; choose tp dividing the teacher's sizes")
             apply_tensor_parallel(self.teacher, tcfg, dims)
+        if self.d.teacher_zero3 and self.teacher is not None:
+            self.teacher = _zero3_inference(self.teacher, dims, bf16=self.d.teacher_bf16)
 
     def build_model(self) -> nn.Module:
         if self._student is not None:
@@ -135,7 +137,7 @@ class DistillationTask:
 
     def teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         dev = input_ids.device
-        if next(self.teacher.parameters()).device != dev:
+        if not self.d.teacher_zero3 and next(self.teacher.parameters()).device != dev:  # DeepSpeed placed a ZeRO-3 one
             self.teacher.to(dev)
         with torch.no_grad():
             return self.teacher(input_ids)  # (B, T, V) or (B, T, V/tp)
@@ -200,6 +202,20 @@ class DistillationTask:
 
     def items_in(self, batch) -> int:
         return batch["input_ids"].numel()
+
+
+def _zero3_inference(teacher: nn.Module, dims, *, bf16: bool) -> nn.Module:
+    """The teacher as a DeepSpeed ZeRO-3 engine without an optimizer: its weights are partitioned over the
+    data-parallel group and each module's are gathered just for its forward. Every dp rank must then run the
+    same number of teacher forwards, which training (one per micro-batch) and Trainer.evaluate guarantee."""
+    import deepspeed
+
+    from megatrain.dist.dims import DeepSpeedMPU
+    config = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**9, "zero_optimization": {"stage": 3},
+              "bf16": {"enabled": bf16}}
+    engine = deepspeed.initialize(model=teacher, config=config, mpu=DeepSpeedMPU(dims))[0]
+    engine.module.eval()
+    return engine
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

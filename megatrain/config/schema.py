@@ -265,6 +265,10 @@ class DistillConfig(Section):
     hidden_mse: float = Field(
         0.0, ge=0.0, description="Weight of an MSE between last-block hidden states (learned projection when widths differ).")
     teacher_bf16: bool = Field(False, description="Run the teacher in bf16 (halves its memory; logits upcast for the loss).")
+    teacher_zero3: bool = Field(
+        False, description="Partition the teacher's weights over the data-parallel ranks (ZeRO-3 inference: each "
+                           "rank stores 1/dp of them and gathers one layer at a time for the forward); for a teacher "
+                           "too large for one rank. Combines with tp sharding and teacher_bf16.")
     teacher_cache: Optional[str] = Field(
         None, description="Directory of precomputed top-k teacher log-probs (written by launch/cache_teacher.py); "
                           "when set, training reads it instead of running the teacher (KL over top-k + a tail "

@@ -250,16 +250,17 @@ class Trainer:
         self.engine.eval()
         totals: dict[str, torch.Tensor] = {}
         for b in range(n_batches):
-            start = (b * dims.dp + dims.dp_rank) * micro
-            if start >= len(dataset):
+            if b * dims.dp * micro >= len(dataset):  # rank 0 is out of data: every rank stops here together
                 break
-            idx = list(range(start, min(start + micro, len(dataset))))
+            start = (b * dims.dp + dims.dp_rank) * micro
+            # A rank past the end still runs a forward (on the first rows) and counts zeros: under ZeRO-3 every
+            # forward gathers parameters collectively, so all dp ranks must run the same number of them.
+            past_end = start >= len(dataset)
+            idx = list(range(0 if past_end else start, min((0 if past_end else start) + micro, len(dataset))))
             _, stats = self.task.loss_and_stats(self.engine, self._micro_batch(idx, dataset))
+            if past_end:
+                stats = {k: torch.zeros_like(v.detach().float()) for k, v in stats.items()}
             self._add(totals, stats)
-        if not totals:  # this rank got no batch: contribute zeros so the collective still matches
-            idx = list(range(min(micro, len(dataset))))
-            _, stats = self.task.loss_and_stats(self.engine, self._micro_batch(idx, dataset))
-            totals = {k: torch.zeros_like(v.detach().float().cpu()) for k, v in stats.items()}
         self.engine.train()
         return self.task.summarize(self._reduce(totals, dims.dp_group))
 

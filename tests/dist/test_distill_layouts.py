@@ -73,3 +73,13 @@ def test_tp2_from_the_cache_matches_one_process(tiny_corpus, cache, reference, t
 
 def test_zero3_matches_one_process(tiny_corpus, cache, reference, tmp_path):
     _assert_same(_distill(tiny_corpus, cache, tmp_path, 2, **{"parallel.zero_stage": 3}), reference)
+
+
+def test_live_teacher_partitioned_zero3_matches_one_process(tiny_corpus, cache, tmp_path):
+    """A live teacher whose weights are partitioned over dp (distill.teacher_zero3) gives the one-process run's
+    losses and student: each layer's weights are gathered for its forward, the function is the same."""
+    import os
+    live = {"distill.teacher": os.path.join(os.path.dirname(cache), "model"), "distill.teacher_cache": None}
+    ref = _distill(tiny_corpus, None, tmp_path / "one", 1, **live)
+    got = _distill(tiny_corpus, None, tmp_path / "two", 2, **live, **{"distill.teacher_zero3": True})
+    _assert_same(got, ref)
