@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatrain.cli_args import fail, parse  # noqa: E402
+from megatrain.cli_args import fail, parse, run_training  # noqa: E402
 
 
 def main(argv=None):
@@ -20,16 +20,14 @@ def main(argv=None):
         fail(ValueError("model.from_hf is not set; pass --model.from_hf=/path/to/hf_model_dir"))
     from megatrain.data.prepare import prepare_corpus
     from megatrain.interop.hf import model_config_from_hf
-    from megatrain.train.trainer import Trainer
     try:
         cfg.model = model_config_from_hf(cfg.model.from_hf, base=cfg.model)
         if cfg.data.tokenizer is None:
             cfg.data.tokenizer = cfg.model.from_hf
         prepare_corpus(cfg.data, seed=cfg.train.seed)  # idempotent; concurrent ranks wait on its lock
-        trainer = Trainer(cfg, local_rank=local_rank)
     except ValueError as err:
         fail(err)
-    trainer.run()
+    run_training(cfg, local_rank)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatrain.cli_args import fail, parse  # noqa: E402
+from megatrain.cli_args import parse, run_training  # noqa: E402
 
 
 def main(argv=None):
     cfg, _, local_rank = parse(argv, description=__doc__)
-    from megatrain.train.trainer import Trainer
-    try:
-        trainer = Trainer(cfg, local_rank=local_rank)
-    except ValueError as err:
-        fail(err)
-    trainer.run()
+    run_training(cfg, local_rank)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatrain.cli_args import fail, parse  # noqa: E402
+from megatrain.cli_args import run_pass  # noqa: E402
 
 
 def main(argv=None):
-    cfg, _, local_rank = parse(argv, description=__doc__)
-    from megatrain.compress.passes import run_prune
-    try:
-        run_prune(cfg, local_rank=local_rank)
-    except ValueError as err:
-        fail(err)
+    run_pass(argv, __doc__, "megatrain.compress.passes:run_prune")
 
 
 if __name__ == "__main__":

@@ -30,3 +30,27 @@ def fail(err: Exception) -> None:
     """One line on stderr and exit 2 for user errors (no traceback wall for a typo)."""
     print(f"error: {err}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def run_pass(argv: list[str] | None, description: str, target: str):
+    """The whole body of a launcher that runs one pass: parse, then call ``target`` ("module:function", imported
+    only after parsing so a config error answers at once) as ``fn(cfg, local_rank=...)``; user errors
+    (ValueError) become one line and exit 2."""
+    import importlib
+    cfg, _, local_rank = parse(argv, description=description)
+    module, name = target.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)(cfg, local_rank=local_rank)
+    except ValueError as err:
+        fail(err)
+
+
+def run_training(cfg: Config, local_rank: int | None):
+    """Build the Trainer (a bad config, layout or checkpoint is one line and exit 2) and run it; errors during
+    training keep their traceback."""
+    from megatrain.train.trainer import Trainer
+    try:
+        trainer = Trainer(cfg, local_rank=local_rank)
+    except ValueError as err:
+        fail(err)
+    return trainer.run()

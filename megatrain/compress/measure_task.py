@@ -23,7 +23,8 @@ from megatrain.data.sampler import eval_batch_count
 from megatrain.dist.env import device as current_device
 
 
-def _batch(dataset, start: int, n: int, dev) -> dict:
+def batch_of(dataset, start: int, n: int, dev) -> dict:
+    """Samples [start, start + n) collated on ``dev`` (indices wrap around the dataset)."""
     idx = [i % len(dataset) for i in range(start, start + n)]
     return {k: v.to(dev) for k, v in default_collate([dataset[i] for i in idx]).items()}
 
@@ -64,8 +65,9 @@ def forward_macs(model: nn.Module, run) -> int:
     return total
 
 
-def items_per_s(model: nn.Module, task, batch: dict, *, repeats: int) -> float:
-    """Training throughput of forward + backward on one micro-batch (one process)."""
+def fastest_step_s(model: nn.Module, step, *, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``step()`` (a training forward + backward) after one
+    warm-up; gradients are dropped afterwards."""
     dev = current_device()
     model.train()
     times = []
@@ -73,14 +75,20 @@ def items_per_s(model: nn.Module, task, batch: dict, *, repeats: int) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        task.loss_and_stats(model, batch)[0].backward()
+        step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if r:  # the first pass is a warm-up (allocator, kernel selection)
             times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
     # The fastest repetition: on a shared machine the slower ones measure the neighbours, not the model.
-    return task.items_in(batch) / min(times)
+    return min(times)
+
+
+def items_per_s(model: nn.Module, task, batch: dict, *, repeats: int) -> float:
+    """Training throughput of forward + backward on one micro-batch (one process)."""
+    return task.items_in(batch) / fastest_step_s(model, lambda: task.loss_and_stats(model, batch)[0].backward(),
+                                                 repeats=repeats)
 
 
 @torch.no_grad()
@@ -93,7 +101,7 @@ def validate(model: nn.Module, task, dataset, *, micro_batch_size: int, num_batc
         if b * micro_batch_size >= len(dataset):
             break
         n = min(micro_batch_size, len(dataset) - b * micro_batch_size)  # the tail batch does not wrap around
-        _, stats = task.loss_and_stats(model, _batch(dataset, b * micro_batch_size, n, dev))
+        _, stats = task.loss_and_stats(model, batch_of(dataset, b * micro_batch_size, n, dev))
         for k, v in stats.items():
             totals[k] = totals[k] + v.double() if k in totals else v.double()
     return task.summarize(totals)
@@ -107,7 +115,7 @@ def measure_task(name: str, model: nn.Module, model_cfg: ModelConfig, cfg: Confi
     dev = current_device()
     model.to(dev)
     mb = cfg.train.micro_batch_size
-    batch = _batch(val_data, 0, mb, dev)
+    batch = batch_of(val_data, 0, mb, dev)
     model.eval()
     macs = forward_macs(model, lambda: task.loss_and_stats(model, batch))
     metrics = validate(model, task, val_data, micro_batch_size=mb, num_batches=cfg.train.eval_batches)

@@ -16,11 +16,12 @@ import torch.distributed as dist
 from megatrain.compress.distill import DistillationTask, student_state
 from megatrain.compress.gather import engine_state_dict
 from megatrain.compress.importance import compute_scores
-from megatrain.compress.io import load_model, save_model
+from megatrain.compress.io import build_plain, load_model, save_model, tied_keys
 from megatrain.compress.prune import Sizes, prune_model, step_sizes, target_sizes
 from megatrain.compress.report import measure, write_table
 from megatrain.config import build_config, resolve_layout
 from megatrain.config.schema import Config, ModelConfig
+from megatrain.dist.env import is_main_process
 from megatrain.models.transformer import build_transformer
 from megatrain.train.lm_task import LanguageModelingTask
 
@@ -103,26 +104,24 @@ def _scores(model, cfg: Config, dims, batches):
 
 
 def _train(cfg: Config, task, model_cfg: ModelConfig, log_dir: str, steps: int) -> torch.nn.Module:
-    """Run the normal Trainer for ``steps`` and return the plain model with the trained full weights."""
+    """Run the normal Trainer for ``steps`` and return the plain model (any arch) with the trained weights and
+    buffers (without a distillation projection)."""
     from megatrain.train.trainer import Trainer
     run_cfg = with_fields(cfg, train__max_steps=steps, log__dir=log_dir, checkpoint__dir=None,
                           checkpoint__resume="none", checkpoint__export_hf=None)
     trainer = Trainer(run_cfg, task)
     trainer.run()
-    state = engine_state_dict(trainer.engine, trainer.dims)  # any tp/pp layout, ZeRO 0-3
-    model = build_transformer(model_cfg)
+    state = engine_state_dict(trainer.engine, trainer.dims)  # fp32 master weights, any tp/pp layout, ZeRO 0-3
+    # BatchNorm running statistics are buffers: not partitioned, and averaged over dp by the Trainer
+    state.update({name: buf.detach().cpu().clone() for name, buf in trainer.engine.module.named_buffers()})
     if model_cfg.tied:
-        state.setdefault("head.lm_head.weight", state["embed.wte.weight"])
-    model.load_state_dict(student_state_from(state), strict=True)
-    return model
+        head, embed = tied_keys(model_cfg)
+        state.setdefault(head, state[embed])
+    return build_plain(model_cfg, student_state_from(state))
 
 
 def student_state_from(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith("distill_proj.")}
-
-
-def _is_writer() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def run_prune(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
@@ -154,7 +153,7 @@ def run_prune(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
     if p.finetune_steps:
         rows.append(measure("pruned + fine-tuned", model, model_cfg, cfg, val))
     out = p.out or os.path.join(cfg.log.dir, "pruned")
-    if _is_writer():
+    if is_main_process():
         save_model(out, model.cpu(), model_cfg, extra={"pruned_from": p.source, "prune": p.model_dump(mode="json")})
         print(write_table(rows, out, "prune"), flush=True)
     if dist.is_initialized():
@@ -185,7 +184,7 @@ def run_distill(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
     task = DistillationTask(cfg, teacher=teacher, student=student.cpu())
     distilled = _train(cfg, task, student_cfg, os.path.join(cfg.log.dir, "distill"), cfg.train.max_steps)
     rows.append(measure("distilled", distilled, student_cfg, cfg, val))
-    if _is_writer():
+    if is_main_process():
         save_model(os.path.join(cfg.log.dir, "distilled"), distilled.cpu(), student_cfg,
                    extra={"distilled_from": d.teacher, "teacher_cache": d.teacher_cache, "student_init": d.student})
         print(write_table(rows, cfg.log.dir), flush=True)
@@ -225,7 +224,7 @@ def run_cache_teacher(cfg: Config, *, local_rank: int | None = None) -> str:
                                    teacher_info=info, log=lambda m: print(m, flush=True) if rank == 0 else None)
     if dist.is_initialized():
         dist.barrier()  # every shard is on disk before the manifest makes the cache visible
-    if _is_writer():
+    if is_main_process():
         print(f"teacher cache: {write_manifest(d.teacher_cache, manifest)} ({manifest['num_samples']} samples, "
               f"k={manifest['k']}, T={manifest['temperature']})", flush=True)
     if dist.is_initialized():

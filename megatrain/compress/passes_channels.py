@@ -4,8 +4,8 @@ The same flow as the Transformer pass (passes.run_prune), through the config's o
 language modelling, megatrain/train/tasks.py) instead of the LM task: its loss drives Taylor importance, its
 datasets calibrate and fine-tune, its metrics fill the table. These models are not tensor-parallel, so the
 model is scored unsharded on every rank (data-dependent scores summed over dp) and fine-tuned under the
-normal Trainer with any dp layout and ZeRO stage; the trained weights come back through
-``gather.engine_state_dict`` and the BatchNorm running statistics from the engine's module.
+normal Trainer with any dp layout and ZeRO stage (passes._train: weights and BatchNorm statistics come back
+from the engine).
 """
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatrain.compress.gather import engine_state_dict
-from megatrain.compress.io import build_plain, load_model, save_model
+from megatrain.compress.io import load_model, save_model
 from megatrain.compress.measure_task import markdown_task, measure_task
-from megatrain.compress.passes import GivenModelTask, _calibration, _is_writer, _setup, with_fields
+from megatrain.compress.passes import GivenModelTask, _calibration, _setup, _train, with_fields
 from megatrain.compress.prune_channels import (channel_scores, channel_sizes, prune_channels, step_channel_sizes,
                                                target_channel_sizes)
 from megatrain.compress.report import write_table
 from megatrain.config.schema import Config, ModelConfig
+from megatrain.dist.env import is_main_process
 from megatrain.train.tasks import make_task
 
 
@@ -38,19 +38,6 @@ def _source_model(cfg: Config, task) -> tuple[torch.nn.Module, ModelConfig]:
             raise ValueError(f"prune.source={path} has model.{field}={theirs} but the config (and its data) has "
                              f"{mine}; use the recipe and data the model was trained with")
     return model, model_cfg
-
-
-def _train(cfg: Config, task, model_cfg: ModelConfig, log_dir: str, steps: int) -> torch.nn.Module:
-    """Run the normal Trainer for ``steps``; the plain model with the trained weights and buffers."""
-    from megatrain.train.trainer import Trainer
-    run_cfg = with_fields(cfg, train__max_steps=steps, log__dir=log_dir, checkpoint__dir=None,
-                          checkpoint__resume="none", checkpoint__export_hf=None)
-    trainer = Trainer(run_cfg, task)
-    trainer.run()
-    state = engine_state_dict(trainer.engine, trainer.dims)  # fp32 master weights under any ZeRO stage
-    # BatchNorm running statistics are buffers: not partitioned, and averaged over dp by the Trainer
-    state.update({name: buf.detach().cpu().clone() for name, buf in trainer.engine.module.named_buffers()})
-    return build_plain(model_cfg, state)
 
 
 def run_prune_channels(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
@@ -86,7 +73,7 @@ def run_prune_channels(cfg: Config, *, local_rank: int | None = None) -> list[di
     if p.finetune_steps:
         rows.append(measure_task("pruned + fine-tuned", model, model_cfg, cfg, task, val))
     out = p.out or os.path.join(cfg.log.dir, "pruned")
-    if _is_writer():
+    if is_main_process():
         save_model(out, model.cpu(), model_cfg, extra={"pruned_from": p.source, "prune": p.model_dump(mode="json")})
         print(write_table(rows, out, "prune", render=markdown_task), flush=True)
     if dist.is_initialized():

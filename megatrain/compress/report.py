@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import torch
-from torch.utils.data import default_collate
 
-from megatrain.fsutil import atomic_write_text
+from megatrain.compress.measure_task import batch_of, fastest_step_s
 from megatrain.config.schema import Config, ModelConfig
 from megatrain.dist.env import device as current_device
+from megatrain.fsutil import atomic_write_text
 from megatrain.models.transformer import flops_per_token
-
-
-def _batch(dataset, start: int, n: int, dev) -> dict:
-    idx = [i % len(dataset) for i in range(start, start + n)]
-    return {k: v.to(dev) for k, v in default_collate([dataset[i] for i in idx]).items()}
 
 
 @torch.no_grad()
@@ -37,7 +31,7 @@ def val_loss(model: torch.nn.Module, dataset, *, micro_batch_size: int, num_batc
     for b in range(eval_batch_count(num_batches, len(dataset), micro_batch_size=micro_batch_size)):
         if b * micro_batch_size >= len(dataset):
             break
-        batch = _batch(dataset, b * micro_batch_size, micro_batch_size, dev)
+        batch = batch_of(dataset, b * micro_batch_size, micro_batch_size, dev)
         logits = model(batch["input_ids"]).float()  # (B, T, V)
         labels = batch["labels"].reshape(-1)
         n = int((labels != -100).sum())
@@ -49,24 +43,13 @@ def val_loss(model: torch.nn.Module, dataset, *, micro_batch_size: int, num_batc
 
 def tokens_per_s(model: torch.nn.Module, dataset, *, micro_batch_size: int, repeats: int) -> float:
     """Training throughput of forward + backward on one micro-batch (one process)."""
-    dev = current_device()
-    model.train()
-    batch = _batch(dataset, 0, micro_batch_size, dev)
-    times = []
-    for r in range(repeats + 1):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    batch = batch_of(dataset, 0, micro_batch_size, current_device())
+
+    def step():
         logits = model(batch["input_ids"])
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                           batch["labels"].reshape(-1)).backward()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if r:  # the first pass is a warm-up (allocator, kernel selection)
-            times.append(time.perf_counter() - t0)
-    model.zero_grad(set_to_none=True)
-    # The fastest repetition: on a shared machine the slower ones measure the neighbours, not the model.
-    return batch["input_ids"].numel() / min(times)
+    return batch["input_ids"].numel() / fastest_step_s(model, step, repeats=repeats)
 
 
 def measure(name: str, model: torch.nn.Module, model_cfg: ModelConfig, cfg: Config, val_data) -> dict:

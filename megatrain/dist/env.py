@@ -46,3 +46,8 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an initialised process group, or the only process: the one that writes tables and results."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -6,13 +6,6 @@ import json
 from megatrain.fsutil import atomic_write_text
 
 
-def is_main_process() -> bool:
-    """Rank 0 of an initialised process group, or the only process; only it writes tables and results."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def write_json(path: str, obj) -> None:
     # atomic (temp + fsync + rename): a crash mid-write never leaves a half result that a resume would take
     # as finished

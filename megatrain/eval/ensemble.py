@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from megatrain.eval._io import is_main_process, write_json, write_text
+from megatrain.dist.env import is_main_process
+from megatrain.eval._io import write_json, write_text
 from megatrain.eval.metrics import classification_metrics, confusion_matrix
 
 

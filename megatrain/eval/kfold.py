@@ -17,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from megatrain.eval._io import is_main_process, write_json, write_text
+from megatrain.dist.env import is_main_process
+from megatrain.eval._io import write_json, write_text
 
 
 def kfold_indices(labels_or_n: np.ndarray | int, k: int, *, stratified: bool = True,

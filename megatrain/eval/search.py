@@ -25,7 +25,8 @@ import yaml
 
 from megatrain.config.loader import ConfigError, build_config
 from megatrain.config.schema import Config, Section
-from megatrain.eval._io import is_main_process, write_json, write_text
+from megatrain.dist.env import is_main_process
+from megatrain.eval._io import write_json, write_text
 
 
 def field_exists(dotted: str) -> bool:

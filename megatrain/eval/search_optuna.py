@@ -15,7 +15,8 @@ import os
 from typing import Any, Callable
 
 from megatrain.config.schema import Config
-from megatrain.eval._io import is_main_process, write_json
+from megatrain.dist.env import is_main_process
+from megatrain.eval._io import write_json
 from megatrain.eval.search import TrainFn, _jsonable, metric_key, train_trial, trial_config
 
 # TPE needs some random trials before its density model means anything; Optuna's default is 10, which would
