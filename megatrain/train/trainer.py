@@ -356,7 +356,10 @@ def init_source(model_cfg):
     from megatrain.compress.io import load_model_state
 
     path = model_cfg.init_from
-    saved, state = load_model_state(path)
+    try:
+        saved, state = load_model_state(path)
+    except ValueError as err:  # name the field the path came from
+        raise ValueError(f"model.init_from={path}: {str(err).removeprefix(f'{path}: ')}") from None
     # compare what the fields mean (num_kv_heads None = num_heads, ...), not how they were written
     derived = {"num_kv_heads": "kv_heads", "head_dim": "attn_head_dim", "tie_embeddings": "tied",
                "ffn_hidden_size": "ffn_size", "inner_widths": "stage_inner_widths", "rnn_hidden_size": "rnn_width"}

@@ -39,6 +39,8 @@ def test_init_source_checks_sizes(tmp_path):
     wider = build_config(CNN, {"model.init_from": str(tmp_path / "m"), "model.widths": [8, 8]})
     with pytest.raises(ValueError, match=r"model.widths=\[4, 8\] but the config has \[8, 8\]; pass --model.widths=\[4,8\]"):
         init_source(wider.model)
+    with pytest.raises(ValueError, match=r"^model.init_from=\S*missing: no such directory"):
+        init_source(build_config(CNN, {"model.init_from": str(tmp_path / "missing")}).model)
     with pytest.raises(ValueError, match="both set"):
         build_config(CNN, {"model.init_from": "a", "model.from_hf": "b"})
     with pytest.raises(ValueError, match="has shape"):
