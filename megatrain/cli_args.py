@@ -40,9 +40,12 @@ def run_pass(argv: list[str] | None, description: str, target: str):
     cfg, _, local_rank = parse(argv, description=description)
     module, name = target.split(":")
     try:
-        return getattr(importlib.import_module(module), name)(cfg, local_rank=local_rank)
+        result = getattr(importlib.import_module(module), name)(cfg, local_rank=local_rank)
     except ValueError as err:
         fail(err)
+    from megatrain.dist.env import shutdown_distributed
+    shutdown_distributed()
+    return result
 
 
 def run_training(cfg: Config, local_rank: int | None):
@@ -53,4 +56,7 @@ def run_training(cfg: Config, local_rank: int | None):
         trainer = Trainer(cfg, local_rank=local_rank)
     except ValueError as err:
         fail(err)
-    return trainer.run()
+    result = trainer.run()
+    from megatrain.dist.env import shutdown_distributed
+    shutdown_distributed()
+    return result
