@@ -7,11 +7,10 @@ the same fp32 math in a different reduction order (~1e-7 relative per op), a rea
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from megatrain.testing import run_ranks
-from tests.conftest import TINY_MODELS, tiny_overrides
+from tests.conftest import TINY_LR, TINY_MODELS, assert_same_trained_weights, tiny_overrides
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -57,9 +56,7 @@ def _assert_same(got, reference):
     assert ref_records[0]["kl"] > 0.05 and ref_records[-1]["kl"] < ref_records[0]["kl"]  # a teacher worth imitating
     for r, ref in zip(records, ref_records):
         assert r["loss"] == pytest.approx(ref["loss"], rel=2e-5), r["step"]
-    assert state.keys() == ref_state.keys()
-    for k in ref_state:
-        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert_same_trained_weights(state, ref_state, lr=TINY_LR)
 
 
 def test_pp2_from_the_cache_matches_one_process(tiny_corpus, cache, reference, tmp_path):

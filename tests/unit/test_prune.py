@@ -25,30 +25,48 @@ def _ids(seed=0):
 
 
 @pytest.mark.parametrize("fields", [GPT2, LLAMA], ids=["gpt2", "llama"])
-def test_removing_zero_units_is_exact(fields):
+def test_removing_a_dead_block_is_bit_exact(fields):
+    model, _ = _model(fields)
+    ids = _ids()
+    with torch.no_grad():
+        dead = model.layers[1]  # a block whose residual branches output exactly zero: x + 0 is x, bit for bit
+        for lin in (dead.attn.o_proj, dead.mlp.down_proj):
+            lin.weight.zero_()
+            if lin.bias is not None:
+                lin.bias.zero_()
+        ref = model(ids)
+        keep_blocks(model, [0, 2])
+        out = model(ids)
+    assert len(model.layers) == 2
+    assert torch.equal(out, ref)
+
+
+# Removing zero MLP channels and heads shortens the reductions of down_proj / o_proj (K = f -> f - 2, Hq·d ->
+# (Hq - 1)·d). In exact arithmetic the dropped terms are 0·x; in fp32 the BLAS blocks and vectorises a K=126
+# reduction differently from a K=128 one, so partial sums round differently: on this project's AMD EPYC CI
+# machine the outputs (magnitude 0.64) moved by 1.5e-8 (< 1 ulp of the largest) while another CPU gave bit
+# equality. The bound is a few ulps; a wrong column removed moves outputs by ~1e-2.
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-7), (torch.float64, 1e-15)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("fields", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_removing_zero_units_is_exact_up_to_gemm_rounding(fields, dtype, tol):
     model, cfg = _model(fields)
+    model = model.to(dtype)
     ids = _ids()
     d = cfg.attn_head_dim
     with torch.no_grad():
         for block in model.layers:  # zero MLP channels 1, 5 (their down columns) and query head 1 (its o columns)
             block.mlp.down_proj.weight[:, [1, 5]] = 0
             block.attn.o_proj.weight[:, d:2 * d] = 0
-        dead = model.layers[1]  # a block whose residual branches output exactly zero
-        for lin in (dead.attn.o_proj, dead.mlp.down_proj):
-            lin.weight.zero_()
-            if lin.bias is not None:
-                lin.bias.zero_()
-    ref = model(ids)
-    f = cfg.ffn_size
-    keep_ch = torch.tensor([i for i in range(f) if i not in (1, 5)])
-    for block in model.layers:
-        prune_mlp(block.mlp, keep_ch)
-        if cfg.kv_heads == cfg.num_heads:
-            prune_heads(block.attn, torch.tensor([0, 2, 3]), torch.tensor([0, 2, 3]))
-    keep_blocks(model, [0, 2])
-    out = model(ids)
-    assert model.layers[0].mlp.up_proj.weight.shape[0] == f - 2 and len(model.layers) == 2
-    assert torch.equal(out, ref)  # bit for bit in fp32
+        ref = model(ids)
+        f = cfg.ffn_size
+        keep_ch = torch.tensor([i for i in range(f) if i not in (1, 5)])
+        for block in model.layers:
+            prune_mlp(block.mlp, keep_ch)
+            if cfg.kv_heads == cfg.num_heads:
+                prune_heads(block.attn, torch.tensor([0, 2, 3]), torch.tensor([0, 2, 3]))
+        out = model(ids)
+    assert model.layers[0].mlp.up_proj.weight.shape[0] == f - 2
+    torch.testing.assert_close(out, ref, rtol=tol * 10, atol=tol)
 
 
 @pytest.mark.parametrize("fields,keep_q,keep_kv", [
