@@ -32,38 +32,65 @@ def free_port() -> int:
 
 def run_ranks(world_size: int, argv: list[str], *, timeout: float = 300, env: dict | None = None,
               check: bool = True) -> list[RankResult]:
-    """Run ``python <argv>`` as ``world_size`` ranks; returns per-rank results (raises on failure if check)."""
+    """Run ``python <argv>`` as ``world_size`` ranks; returns per-rank results (raises on failure if check).
+
+    Each rank writes to its own temp files, not pipes: a rank blocked writing to a full pipe that nobody reads
+    yet (the parent waits on rank 0 first) would stall its peers in the next collective, a hang of the
+    harness's own making."""
+    import tempfile
     port = free_port()
-    procs = []
-    for rank in range(world_size):
-        penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # DS_ACCELERATOR: set by megatrain when CUDA is absent
-        penv["PYTHONPATH"] = ROOT + os.pathsep + penv.get("PYTHONPATH", "")
-        procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=penv, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+    procs, logs = [], []
+    with tempfile.TemporaryDirectory(prefix="megatrain_ranks_") as tmp:
+        for rank in range(world_size):
+            penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                    "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+            # DS_ACCELERATOR: set by megatrain when CUDA is absent
+            penv["PYTHONPATH"] = ROOT + os.pathsep + penv.get("PYTHONPATH", "")
+            out = open(os.path.join(tmp, f"rank{rank}.out"), "w+")
+            err = open(os.path.join(tmp, f"rank{rank}.err"), "w+")
+            logs.append((out, err))
+            procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=penv, stdout=out, stderr=err,
+                                          stdin=subprocess.DEVNULL, text=True))
+        try:
+            return _wait_ranks(procs, logs, timeout=timeout, check=check)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for out, err in logs:
+                out.close()
+                err.close()
+
+
+def _read(f) -> str:
+    f.flush()
+    f.seek(0)
+    return f.read()
+
+
+def _wait_ranks(procs, logs, *, timeout: float, check: bool) -> list[RankResult]:
+    """Poll every rank: the first that fails (with ``check``) is reported at once and the others are killed,
+    instead of waiting out a peer stuck in a collective with the dead rank."""
     deadline = time.monotonic() + timeout
-    results: list[RankResult | None] = [None] * world_size
-    try:
-        for rank, proc in enumerate(procs):
-            left = max(deadline - time.monotonic(), 1)
-            try:
-                out, err = proc.communicate(timeout=left)
-            except subprocess.TimeoutExpired:
-                for p in procs:
-                    p.kill()
-                out, err = proc.communicate()
-                raise RuntimeError(f"rank {rank} did not finish within {timeout}s (hang); stderr tail:\n{err[-3000:]}")
-            results[rank] = RankResult(rank, proc.returncode, out, err)
-            if proc.returncode != 0 and check:
-                for p in procs:
-                    p.kill()
-                raise RuntimeError(f"rank {rank} exited with {proc.returncode}; stderr tail:\n{err[-4000:]}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        if check and failed:
+            rank = failed[0]
+            for p in procs:
                 p.kill()
-    return results  # type: ignore[return-value]
+            raise RuntimeError(f"rank {rank} exited with {codes[rank]}; stderr tail:\n{_read(logs[rank][1])[-4000:]}")
+        if all(c is not None for c in codes):
+            return [RankResult(r, c, _read(logs[r][0]), _read(logs[r][1])) for r, c in enumerate(codes)]
+        if time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            stuck = [r for r, c in enumerate(codes) if c is None]
+            raise RuntimeError(f"ranks {stuck} did not finish within {timeout:g}s (hang); rank {stuck[0]} "
+                               f"stderr tail:\n{_read(logs[stuck[0]][1])[-3000:]}")
+        time.sleep(0.1)
 
 
 def _spawned(rank: int, world_size: int, init_file: str, fn, args) -> None:
