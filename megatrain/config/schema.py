@@ -198,6 +198,9 @@ class LogConfig(Section):
     dir: str = Field("runs/default", description="Run directory: metrics.jsonl, TensorBoard events, report.png.")
     progress: Literal["rich", "tqdm", "plain", "none"] = Field("rich", description="Console progress display.")
     tensorboard: bool = Field(True, description="Write TensorBoard events.")
+    hang_report_s: float = Field(600.0, ge=0, description="A rank whose setup, training step, validation or "
+                                 "checkpoint save runs longer than this reports it with its Python stacks (stderr "
+                                 "and <log.dir>/hang_rank<R>.txt); the run goes on. 0 = off.")
     report: bool = Field(True, description="Write report.png (loss/lr/throughput) at the end.")
 
 

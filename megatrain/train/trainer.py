@@ -19,6 +19,7 @@ from megatrain.data.sampler import eval_batch_count
 from megatrain.dist import comm_counter
 from megatrain.dist.env import device as current_device
 from megatrain.dist.env import init_distributed
+from megatrain.dist.watchdog import HangWatchdog
 from megatrain.fsutil import atomic_write_text
 from megatrain.train.logging import RunLogger
 from megatrain.train.regularization import param_groups, penalty
@@ -38,9 +39,21 @@ class Trainer:
         # layout fails on every rank at once with the same one-line reason, not as a collective hang.
         resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.rank, self.world, _ = init_distributed(local_rank)
+        self.watchdog = HangWatchdog(cfg.log.hang_report_s, rank=self.rank, where=f"of {self.world}",
+                                     log_dir=cfg.log.dir)
+        try:
+            with self.watchdog.phase("setup (model build, deepspeed.initialize, weights, resume)"):
+                self._setup(task)
+        except BaseException:
+            self.watchdog.close()
+            raise
+
+    def _setup(self, task) -> None:
+        cfg = self.cfg
         self.layout = resolve_layout(cfg, self.world)
         from megatrain.dist.dims import DeepSpeedMPU, build_parallel_dims
         self.dims = build_parallel_dims(tp=self.layout.tp, pp=self.layout.pp, dp=self.layout.dp)
+        self.watchdog.where = f"tp {self.dims.tp_rank} pp {self.dims.pp_rank} dp {self.dims.dp_rank}"
         if task is None:
             from megatrain.train.tasks import make_task
             task = make_task(cfg)
@@ -280,6 +293,10 @@ class Trainer:
         return self.task.summarize({"loss_sum": torch.stack(losses).sum(), "count": count})
 
     def save(self) -> str:
+        with self.watchdog.phase(f"checkpoint save at step {self.step}"):
+            return self._save()
+
+    def _save(self) -> str:
         from megatrain.checkpoint.layout_free import save_checkpoint
         self.sync_buffers()
         state = {"seed": self.cfg.train.seed, "consumed_samples": self.step * self.layout.global_batch_size,
@@ -316,7 +333,8 @@ class Trainer:
             while self.step < cfg.train.max_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 t0 = time.perf_counter()
-                metrics, items = self.train_step()
+                with self.watchdog.phase(f"training step {self.step + 1}"):
+                    metrics, items = self.train_step()
                 dt = time.perf_counter() - t0
                 self.step += 1
                 record = {"step": self.step, **metrics, "lr": lr, "tokens_per_s": items / dt, "step_time_s": dt}
@@ -324,9 +342,10 @@ class Trainer:
                     record["comm_bytes"] = comm_counter.take()  # this rank's payload bytes in the step
                 every = cfg.train.eval_every
                 if self.val_data is not None and ((every and self.step % every == 0) or self.step == cfg.train.max_steps):
-                    record.update({f"val_{k}": v for k, v in self.evaluate().items()})
-                    if self.old_val_data is not None:  # continual training: forgetting on the old data
-                        record.update({f"old_val_{k}": v for k, v in self.evaluate(self.old_val_data).items()})
+                    with self.watchdog.phase(f"validation after step {self.step}"):
+                        record.update({f"val_{k}": v for k, v in self.evaluate().items()})
+                        if self.old_val_data is not None:  # continual training: forgetting on the old data
+                            record.update({f"old_val_{k}": v for k, v in self.evaluate(self.old_val_data).items()})
                 if self.step % cfg.train.log_every == 0 or "val_loss" in record or self.step == cfg.train.max_steps:
                     logger.log(record)
                 last = record
@@ -341,6 +360,7 @@ class Trainer:
                 self.export_hf(final_dir or os.path.join(self.ckpt_dir, f"step_{self.step:08d}"))
         finally:
             logger.close()
+            self.watchdog.close()
         if self.rank == 0 and cfg.log.report:
             from megatrain.train.report import write_report
             path = write_report(cfg.log.dir)
