@@ -1,11 +1,10 @@
 """Memory per rank under DeepSpeed, measured: bytes per model parameter for each ZeRO stage, precision and dp size.
 
-Each configuration is a real multi-rank Trainer (gloo on CPU; NCCL on GPUs). Every rank counts the bytes of all
-live tensors on its device (unique storages, so views count once; ``torch.empty`` counts in full, as a GPU would
-reserve it) at five points of two training steps: after setup, at the end of the forward, inside the backward
-(when the last gradient arrives: reduce buckets exist, most activations are freed), after the backward, and after
-the optimizer step. The table divides by the model's parameter count ψ. A constant part (a bucket whose size is
-set in elements, not by the model) is split off by running two model sizes. Prints a table and writes JSON.
+Each configuration is a real multi-rank Trainer (gloo on CPU; NCCL on GPUs) run by ``megatrain.plan.measure``,
+which counts the bytes of all live tensors on each rank's device at five points of a training step: after setup,
+at the end of the forward, inside the backward, after the backward and after the optimizer step. The table divides
+by the model's parameter count ψ; a constant part (a bucket whose size is set in elements, not by the model) is
+split off by running two model sizes. Prints a table and writes JSON.
 
     python benchmarks/bench_memory.py                 # tiny Llamas on CPU, dp 1-2, ZeRO 0-3, fp32 and bf16
     python benchmarks/bench_memory.py --cases 2:3:bf16,4:3:bf16 [--section.key=value ...]
@@ -13,7 +12,6 @@ set in elements, not by the model) is split off by running two model sizes. Prin
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -22,59 +20,10 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from megatrain.plan.measure import POINTS  # noqa: E402
+
 DEFAULT_CASES = "1:0:fp32,1:1:fp32,2:1:fp32,2:2:fp32,2:3:fp32,1:0:bf16,2:1:bf16,2:2:bf16,2:3:bf16"  # dp:zero:precision
 SIZES = (256, 384)  # model.hidden_size of the two models (4 layers, ffn 2×hidden)
-POINTS = ("init", "forward", "in_backward", "backward", "step")
-
-
-def live_tensor_bytes(device_type: str) -> int:
-    """Bytes of every live tensor on ``device_type``, each storage once."""
-    import torch
-    seen = {}
-    for obj in gc.get_objects():
-        try:
-            if torch.is_tensor(obj) and obj.device.type == device_type:
-                storage = obj.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # meta or otherwise storage-less tensors
-            continue
-    return sum(seen.values())
-
-
-def probe(argv: list[str]) -> None:
-    """Rank entry point: build the Trainer, run two steps by hand, print the byte counts as one JSON line."""
-    from megatrain.cli_args import parse
-    from megatrain.data.sampler import rank_slice
-    from megatrain.dist.env import shutdown_distributed
-    from megatrain.train.trainer import Trainer
-    cfg, _, local_rank = parse(argv, description="bench_memory rank")
-    import torch
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    base = live_tensor_bytes(dev)
-    t = Trainer(cfg, local_rank=local_rank)
-    out = {"rank": t.rank, "init": live_tensor_bytes(dev) - base}
-    last_grad_param = next(t.engine.module.parameters())  # the token table: its gradient is the last to arrive
-    for step in range(2):  # the second step has optimizer state: report it
-        mb = rank_slice(t._global_indices(step), dp_rank=t.dims.dp_rank, dp_size=t.dims.dp,
-                        micro_batch_size=t.layout.micro_batch_size, micro_step=0)
-        batch = t._micro_batch(mb, t.train_data)
-        loss, _ = t.task.loss_and_stats(t.engine, batch)
-        out["forward"] = live_tensor_bytes(dev) - base
-        handle = last_grad_param.register_hook(lambda g: out.__setitem__("in_backward", live_tensor_bytes(dev) - base))
-        t.engine.backward(loss)
-        handle.remove()
-        out["backward"] = live_tensor_bytes(dev) - base
-        t.engine.step()
-        del loss, batch
-        gc.collect()
-        out["step"] = live_tensor_bytes(dev) - base
-    from megatrain.models.transformer import build_transformer
-    from megatrain.train.lm_task import read_vocab_size
-    model_cfg = cfg.model.model_copy(update={"vocab_size": cfg.model.vocab_size or read_vocab_size(cfg.data.path)})
-    with torch.device("meta"):
-        out["params"] = build_transformer(model_cfg, seed=0).num_params()  # ψ: the whole model's parameters
-    print(json.dumps(out), flush=True)
-    shutdown_distributed()
 
 
 def measure_case(dp: int, zero: int, precision: str, hidden: int, rest: list[str]) -> dict:
@@ -86,14 +35,12 @@ def measure_case(dp: int, zero: int, precision: str, hidden: int, rest: list[str
                      f"--train.global_batch_size={2 * dp}", "--train.micro_batch_size=2", "--train.warmup_steps=0",
                      f"--log.dir={log_dir}", "--log.progress=none", "--log.tensorboard=false", "--log.report=false",
                      "--log.hang_report_s=0", "--checkpoint.save_final=false", *rest]
-        results = run_ranks(dp, [os.path.abspath(__file__), "--rank-probe", *overrides], timeout=900)
+        results = run_ranks(dp, ["-m", "megatrain.plan.measure", *overrides], timeout=900)
     ranks = [json.loads(r.stdout.strip().splitlines()[-1]) for r in results]
     return {"params": ranks[0]["params"], **{p: max(r[p] for r in ranks) for p in POINTS}}
 
 
 def main():
-    if "--rank-probe" in sys.argv:
-        return probe([a for a in sys.argv[1:] if a != "--rank-probe"])
     import common
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated dp:zero:precision")

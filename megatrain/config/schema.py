@@ -286,6 +286,17 @@ class DistillConfig(Section):
                                 "None = the whole training split.")
 
 
+class PlanConfig(Section):
+    world_size: Optional[int] = Field(
+        None, gt=0, description="Ranks to plan for (launch/plan.py); None = the launcher's WORLD_SIZE, or 1.")
+    gpu_memory_gib: Optional[float] = Field(
+        None, gt=0, description="Memory per GPU. When set, launch/plan.py and every training launch refuse, before "
+                                "any process group or GPU is touched, a layout whose predicted peak exceeds it.")
+    reserved_gib: float = Field(
+        1.0, ge=0, description="Per-rank allowance for what the planner does not model (CUDA context, NCCL buffers, "
+                               "allocator slack); an assumption, not a measurement.")
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -297,6 +308,7 @@ class Config(Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
 
     @property
     def seq_len(self) -> int:
