@@ -53,3 +53,12 @@ def test_predicted_bytes_equal_the_live_tensors(tiny_corpus, tmp_path, world, ze
         assert r["in_backward"] <= row.peak  # the peak adds every term, so it bounds the busiest moment
         if zero in (1, 2):  # DeepSpeed's reduce bucket exists during the backward
             assert r["in_backward"] >= row.bucket
+
+
+def test_training_refuses_a_layout_that_does_not_fit_before_any_process_group(tiny_corpus, tmp_path):
+    args = tiny_overrides(tiny_corpus, tmp_path, "llama", **{"plan.gpu_memory_gib": 0.5})  # < reserved 1 GiB
+    for r in run_ranks(2, ["launch/pretrain.py", *args], timeout=120, check=False):
+        assert r.returncode == 2
+        assert r.stderr.startswith("error: plan.gpu_memory_gib=0.5: predicted peak ")
+        assert "no tp/pp/ZeRO/checkpointing layout of this world size fits" in r.stderr
+        assert "megatrain:" not in r.stdout  # the Trainer never started
