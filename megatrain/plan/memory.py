@@ -18,7 +18,7 @@ measurement. The peak adds every term, as if all were live at once.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -49,9 +49,6 @@ class StageMemory:
     def peak(self) -> float:
         return (self.weights + self.master + self.adam + self.grads + self.bucket + self.gathered
                 + self.activations + self.reserved)
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "peak": self.peak}
 
 
 def plan_memory(cfg: Config, *, world_size: int) -> list[StageMemory]:
@@ -87,7 +84,7 @@ def plan_memory(cfg: Config, *, world_size: int) -> list[StageMemory]:
         if par.activation_checkpointing == "every":
             per_mb = blocks * act.checkpointed_block + (act.per_block if blocks else 0)
         elif par.activation_checkpointing == "every_n":
-            ck = blocks // par.checkpoint_every_n
+            ck = -(-blocks // par.checkpoint_every_n)  # blocks 0, n, 2n, ... (parallelize.activation_checkpointing)
             per_mb = ck * act.checkpointed_block + (blocks - ck) * act.per_block + (act.per_block if ck else 0)
         else:
             per_mb = blocks * act.per_block
