@@ -7,10 +7,10 @@ and from every rank, so comparing the files shows who is stuck where: the odd on
 collective. The run is not interrupted (a step may just be slow), and when the phase ends the rank says how long
 it took.
 
-Two layers. A Python thread reports with the phase's name; it needs the GIL, which a rank blocked in a gloo or
-NCCL wait releases. A spin-wait that keeps the GIL (DeepSpeed's CPU shared-memory all-reduce) would starve it, so
-``faulthandler`` (a C thread, no GIL) is armed per phase at twice the limit as a backstop and writes the bare
-stacks to stderr. Arming and cancelling it costs ~40 µs per phase (measured), nothing next to a step.
+The reporter is a Python thread; it needs the GIL, which a rank blocked in a collective releases (torch releases it
+around its ops and collective waits). It dumps the stacks while holding the GIL, so no frame changes under it. A
+C-level timer (``faulthandler.dump_traceback_later``) was tried as a backstop and dropped: it reads frames
+without the GIL, and firing on many short phases crashed a rank with SIGSEGV in CI.
 """
 from __future__ import annotations
 
@@ -54,11 +54,9 @@ class HangWatchdog:
             return
         with self._lock:
             self._phase, self._reported = (name, time.monotonic()), None
-        faulthandler.dump_traceback_later(2 * self.limit_s, file=_fd_stream())
         try:
             yield
         finally:
-            faulthandler.cancel_dump_traceback_later()
             with self._lock:
                 (_, t0), reported = self._phase, self._reported
                 self._phase, self._reported = None, None
