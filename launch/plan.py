@@ -14,12 +14,11 @@ from megatrain.cli_args import fail, parse  # noqa: E402
 def main(argv=None):
     cfg, args, _ = parse(argv, description=__doc__, extra=[
         ("--propose", {"type": int, "default": 0, "metavar": "K", "help": "list the K cheapest layouts that fit"})])
-    from megatrain.plan import check_fits, planned_world_size, propose, with_vocab
+    from megatrain.plan import GIB, check_fits, plan_memory, planned_world_size, propose, with_vocab
     from megatrain.plan.report import describe, layout_table, stage_table
     world = planned_world_size(cfg)
     try:
         cfg = with_vocab(cfg)
-        from megatrain.plan import plan_memory
         rows = plan_memory(cfg, world_size=world)
         print(describe(cfg, world))
         print(stage_table(rows))
@@ -27,11 +26,11 @@ def main(argv=None):
             print(f"\ncheapest layouts of {world} ranks" + (f" within {cfg.plan.gpu_memory_gib:g} GiB" if
                                                             cfg.plan.gpu_memory_gib else "") + ":")
             print(layout_table(propose(cfg, world_size=world, limit=args.propose), world))
-        check_fits(cfg, world_size=world)
+        check_fits(cfg, world_size=world, rows=rows)
     except ValueError as err:
         fail(err)
     if cfg.plan.gpu_memory_gib:
-        print(f"fits: peak {max(r.peak for r in rows) / 2**30:.2f} GiB <= plan.gpu_memory_gib={cfg.plan.gpu_memory_gib:g}")
+        print(f"fits: peak {max(r.peak for r in rows) / GIB:.2f} GiB <= plan.gpu_memory_gib={cfg.plan.gpu_memory_gib:g}")
 
 
 if __name__ == "__main__":

@@ -47,9 +47,10 @@ def _layout_args(cfg: Config) -> str:
     return out
 
 
-def check_fits(cfg: Config, *, world_size: int) -> list[StageMemory]:
-    """The plan, or ValueError (one line: the predicted peak, the budget and a layout that fits, if any)."""
-    rows = plan_memory(cfg, world_size=world_size)
+def check_fits(cfg: Config, *, world_size: int, rows: list[StageMemory] | None = None) -> list[StageMemory]:
+    """The plan (``rows`` if already computed), or ValueError (one line: the predicted peak, the budget and a
+    layout that fits, if any)."""
+    rows = rows if rows is not None else plan_memory(cfg, world_size=world_size)
     budget = cfg.plan.gpu_memory_gib
     worst = max(rows, key=lambda r: r.peak)
     if budget is None or worst.peak <= budget * GIB:

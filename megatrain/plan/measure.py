@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     from megatrain.cli_args import parse
     from megatrain.data.sampler import rank_slice
     from megatrain.dist.env import shutdown_distributed
-    from megatrain.models.transformer import build_transformer
-    from megatrain.train.lm_task import read_vocab_size
+    from megatrain.plan import with_vocab
+    from megatrain.plan.params import meta_model
     from megatrain.train.trainer import Trainer
     cfg, _, local_rank = parse(argv, description=__doc__)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             del loss, batch
             gc.collect()
             out["step"] = live_tensor_bytes(dev) - base
-    model_cfg = cfg.model.model_copy(update={"vocab_size": cfg.model.vocab_size or read_vocab_size(cfg.data.path)})
-    with torch.device("meta"):
-        out["params"] = build_transformer(model_cfg, seed=0).num_params()  # ψ of the whole model
+    out["params"] = meta_model(with_vocab(cfg).model).num_params()  # ψ of the whole model
     print(json.dumps(out), flush=True)
     shutdown_distributed()
 

@@ -70,8 +70,7 @@ def plan_memory(cfg: Config, *, world_size: int) -> list[StageMemory]:
     bucket_elems = float(zero_cfg.get("reduce_bucket_size", REDUCE_BUCKET_DEFAULT))
     max_live = float(zero_cfg.get("stage3_max_live_parameters", MAX_LIVE_DEFAULT))
     offload = par.offload_optimizer == "cpu"
-    seq = cfg.data.seq_len or m.max_seq_len
-    act = activation_bytes(m, micro_batch=lay.micro_batch_size, seq_len=seq, tp=lay.tp,
+    act = activation_bytes(m, micro_batch=lay.micro_batch_size, seq_len=cfg.seq_len, tp=lay.tp,
                            sequence_parallel=par.sequence_parallel,
                            dtype=torch.float32 if t.precision == "fp32" else torch.bfloat16,
                            repeat_kv=m.kernel_overrides.get("attention", m.kernels) == "torch")

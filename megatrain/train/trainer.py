@@ -37,10 +37,11 @@ class Trainer:
         self.cfg = cfg
         # Check the layout against the launcher's world size before any process group exists: a bad
         # layout fails on every rank at once with the same one-line reason, not as a collective hang.
-        resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+        resolve_layout(cfg, launched_world)
         if cfg.plan.gpu_memory_gib:  # likewise a layout predicted not to fit: refused before any GPU is touched
             from megatrain.plan import check_fits, with_vocab
-            check_fits(with_vocab(cfg), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+            check_fits(with_vocab(cfg), world_size=launched_world)
         self.rank, self.world, _ = init_distributed(local_rank)
         self.watchdog = HangWatchdog(cfg.log.hang_report_s, rank=self.rank, where=f"of {self.world}",
                                      log_dir=cfg.log.dir)
