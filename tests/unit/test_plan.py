@@ -65,8 +65,7 @@ def test_parameter_shares():
 
 
 def _recipe(**over):
-    cfg = load_config("recipes/llama_1b.yaml", [f"--{k}={v}" for k, v in over.items()])
-    return cfg
+    return load_config("recipes/llama_1b.yaml", [f"--{k}={v}" for k, v in over.items()])
 
 
 def test_a_layout_over_budget_is_refused_in_one_line_with_one_that_fits():
@@ -106,3 +105,18 @@ def test_plan_cli_prints_the_table_and_exits_2_when_it_does_not_fit():
                           "--plan.gpu_memory_gib=2"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: plan.gpu_memory_gib=2: predicted peak")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bad_planner_inputs_are_one_line_errors(tmp_path):
+    from megatrain.config import ConfigError
+    from megatrain.plan import with_vocab
+    cfg = build_config({"model": {"arch": "llama", "vocab_size": 0}, "data": {"path": str(tmp_path / "none")}})
+    with pytest.raises(ValueError, match=r"model.vocab_size is 0 and data.path=.*none has no prepared data to read "
+                                         r"it from; set --model.vocab_size or run launch/prepare.py first"):
+        with_vocab(cfg)
+    for field, value in (("plan.gpu_memory_gib", 0), ("plan.reserved_gib", -1), ("plan.world_size", 0),
+                         ("log.hang_report_s", -5)):
+        with pytest.raises(ConfigError, match=field.split(".")[1]):
+            load_config(None, [f"--{field}={value}"])
+    with pytest.raises(ValueError, match=r"parallel.tp\*parallel.pp=3 does not divide world size 8"):
+        plan_memory(_recipe(**{"parallel.tp": 3}), world_size=8)
