@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatrain.errors import UserError  # noqa: E402
 from megatrain.cli_args import fail, parse  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def main(argv=None):
             path = cfg.checkpoint.resume if cfg.checkpoint.resume not in ("none", "auto") else \
                 (cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints"))
             evaluate_checkpoint(cfg, path, log=log)
-    except ValueError as err:
+    except UserError as err:
         fail(err)
     shutdown_distributed()
 

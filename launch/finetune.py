@@ -11,6 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatrain.errors import UserError  # noqa: E402
 from megatrain.cli_args import fail, parse, run_training  # noqa: E402
 
 
@@ -25,7 +26,7 @@ def main(argv=None):
         if cfg.data.tokenizer is None:
             cfg.data.tokenizer = cfg.model.from_hf
         prepare_corpus(cfg.data, seed=cfg.train.seed)  # idempotent; concurrent ranks wait on its lock
-    except ValueError as err:
+    except UserError as err:
         fail(err)
     run_training(cfg, local_rank)
 

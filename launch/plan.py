@@ -8,6 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatrain.errors import UserError  # noqa: E402
 from megatrain.cli_args import fail, parse  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def main(argv=None):
                                                             cfg.plan.gpu_memory_gib else "") + ":")
             print(layout_table(propose(cfg, world_size=world, limit=args.propose), world))
         check_fits(cfg, world_size=world, rows=rows)
-    except ValueError as err:
+    except UserError as err:
         fail(err)
     if cfg.plan.gpu_memory_gib:
         print(f"fits: peak {max(r.peak for r in rows) / GIB:.2f} GiB <= plan.gpu_memory_gib={cfg.plan.gpu_memory_gib:g}")

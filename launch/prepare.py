@@ -9,6 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatrain.errors import UserError  # noqa: E402
 from megatrain.cli_args import fail, parse  # noqa: E402
 
 
@@ -22,7 +23,7 @@ def main(argv=None):
     from megatrain.data import prepare_corpus
     try:
         summary = prepare_corpus(cfg.data, seed=cfg.train.seed, force=args.force)
-    except ValueError as err:
+    except UserError as err:
         fail(err)
     summary.pop("config", None)
     print(json.dumps(summary, indent=2))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatrain.errors import UserError
 from megatrain.config import Config, ConfigError, load_config
 
 
@@ -35,13 +36,13 @@ def fail(err: Exception) -> None:
 def run_pass(argv: list[str] | None, description: str, target: str):
     """The whole body of a launcher that runs one pass: parse, then call ``target`` ("module:function", imported
     only after parsing so a config error answers at once) as ``fn(cfg, local_rank=...)``; user errors
-    (ValueError) become one line and exit 2."""
+    (megatrain.errors.UserError) become one line and exit 2; anything else keeps its traceback."""
     import importlib
     cfg, _, local_rank = parse(argv, description=description)
     module, name = target.split(":")
     try:
         result = getattr(importlib.import_module(module), name)(cfg, local_rank=local_rank)
-    except ValueError as err:
+    except UserError as err:
         fail(err)
     from megatrain.dist.env import shutdown_distributed
     shutdown_distributed()
@@ -54,7 +55,7 @@ def run_training(cfg: Config, local_rank: int | None):
     from megatrain.train.trainer import Trainer
     try:
         trainer = Trainer(cfg, local_rank=local_rank)
-    except ValueError as err:
+    except UserError as err:
         fail(err)
     result = trainer.run()
     from megatrain.dist.env import shutdown_distributed

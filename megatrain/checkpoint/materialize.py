@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from megatrain.checkpoint.shards import shard_of
+from megatrain.errors import CheckpointError
 
 
 class TensorSource(Protocol):
@@ -83,10 +84,10 @@ class StateSource:
 
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if name not in self.state:
-            raise ValueError(f"{self.origin} has no tensor {name!r}; it holds another architecture")
+            raise CheckpointError(f"{self.origin} has no tensor {name!r}; it holds another architecture")
         t = self.state[name]
         if shape is not None and tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{self.origin}: tensor {name!r} has shape {tuple(t.shape)}, the model expects "
+            raise CheckpointError(f"{self.origin}: tensor {name!r} has shape {tuple(t.shape)}, the model expects "
                              f"{tuple(shape)}; the config's model sizes differ from the saved model's")
         return t
 
@@ -125,7 +126,7 @@ def materialize_(model: nn.Module, source: TensorSource, *, tp_rank: int, tp_siz
         count += 1
         name = getattr(p, "logical_name", None)
         if name is None:
-            raise ValueError("materialize: a parameter has no logical name (built outside parallelize?)")
+            raise CheckpointError("materialize: a parameter has no logical name (built outside parallelize?)")
         p.__dict__.pop("stand_in", None)
         part = _row_shard(source, p, name, tp_rank, tp_size)
         if part is None:

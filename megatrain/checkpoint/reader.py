@@ -12,6 +12,7 @@ import os
 import struct
 
 import torch
+from megatrain.errors import CheckpointError
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -26,7 +27,7 @@ class SafetensorsReader:
             raw = f.read(8)
             n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else size
             if n > size - 8:
-                raise ValueError(f"{path} is truncated or not a safetensors file")
+                raise CheckpointError(f"{path} is truncated or not a safetensors file")
             header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         self.base = 8 + n
@@ -53,5 +54,5 @@ class SafetensorsReader:
             with open(self.path, "rb") as f:
                 f.seek(self.base + start)
                 if f.readinto(memoryview(buf)) != stop - start:
-                    raise ValueError(f"{self.path}: tensor {name!r} is truncated")
+                    raise CheckpointError(f"{self.path}: tensor {name!r} is truncated")
         return out

@@ -28,8 +28,7 @@ FORMAT = "megatrain-checkpoint/1"
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file (and tensor) and what to do."""
+from megatrain.errors import CheckpointError  # noqa: F401 (re-exported)
 
 
 def tag_for(step: int) -> str:

@@ -25,6 +25,7 @@ from megatrain.compress.kl import distill_loss, kl_per_token, vocab_parallel_kl
 from megatrain.compress.sparse_kl import sparse_kl
 from megatrain.config.schema import Config, ModelConfig
 from megatrain.train.lm_task import LanguageModelingTask
+from megatrain.errors import UserError
 
 
 PIPELINE_LABELS = ("labels", "teacher_ids", "teacher_logp", "teacher_tail")
@@ -54,17 +55,17 @@ class DistillationTask:
             return
         if teacher is None:
             if not self.d.teacher:
-                raise ValueError("distill.teacher is not set; point it at a megatrain checkpoint, a pruned model "
+                raise UserError("distill.teacher is not set; point it at a megatrain checkpoint, a pruned model "
                                  "dir or a local Hugging Face dir (or set distill.teacher_cache)")
             from megatrain.compress.io import load_model
             teacher = load_model(self.d.teacher)
         self.teacher, self.teacher_cfg = teacher
         if self.teacher_cfg.vocab_size != cfg.model.vocab_size:
-            raise ValueError(f"distill.teacher has vocab_size={self.teacher_cfg.vocab_size} but the student's "
+            raise UserError(f"distill.teacher has vocab_size={self.teacher_cfg.vocab_size} but the student's "
                              f"model.vocab_size={cfg.model.vocab_size}; the KL needs one vocabulary - use a teacher "
                              "trained with the student's tokenizer")
         if self.d.hidden_mse and cfg.parallel.sequence_parallel:
-            raise ValueError("distill.hidden_mse with parallel.sequence_parallel=true is not supported (hidden "
+            raise UserError("distill.hidden_mse with parallel.sequence_parallel=true is not supported (hidden "
                              "states are sequence-sharded); set hidden_mse=0 or turn sequence_parallel off")
         self.teacher.requires_grad_(False)
         self.teacher.eval()
@@ -76,7 +77,7 @@ class DistillationTask:
     def _open_cache(self, teacher):
         from megatrain.compress.teacher_cache import TeacherCache, dataset_identity, tensor_crc
         if self.d.hidden_mse:
-            raise ValueError("distill.hidden_mse needs the live teacher's hidden states, which distill.teacher_cache "
+            raise UserError("distill.hidden_mse needs the live teacher's hidden states, which distill.teacher_cache "
                              "does not hold; set distill.hidden_mse=0 or unset distill.teacher_cache")
         cache = TeacherCache(self.d.teacher_cache)
         data = self.lm.train_dataset()
@@ -88,11 +89,11 @@ class DistillationTask:
     # ---- Task protocol --------------------------------------------------------------------------------
     def configure_parallel(self, dims) -> None:
         if dims.pp > 1 and self.cache is None:
-            raise ValueError("distillation from a live teacher with parallel.pp>1 is not supported (the pipeline "
+            raise UserError("distillation from a live teacher with parallel.pp>1 is not supported (the pipeline "
                              "computes the loss on its last stage, without the teacher); precompute the teacher "
                              "with launch/cache_teacher.py and set distill.teacher_cache, or use tp and ZeRO")
         if dims.pp > 1 and self.d.hidden_mse:
-            raise ValueError("distill.hidden_mse is not supported with parallel.pp>1; set hidden_mse=0")
+            raise UserError("distill.hidden_mse is not supported with parallel.pp>1; set hidden_mse=0")
         self.lm.configure_parallel(dims)
         self.tp_group = self.lm.tp_group
         if dims.tp > 1 and self.teacher is not None:  # shard the teacher like the student: vocab-sharded logits
@@ -100,7 +101,7 @@ class DistillationTask:
             tcfg = self.cfg.model_copy(update={"model": self.teacher_cfg})
             if self.teacher_cfg.num_heads % dims.tp or self.teacher_cfg.kv_heads % dims.tp \
                     or self.teacher_cfg.ffn_size % dims.tp:
-                raise ValueError(f"distill.teacher: heads/kv heads/MLP width ({self.teacher_cfg.num_heads}/"
+                raise UserError(f"distill.teacher: heads/kv heads/MLP width ({self.teacher_cfg.num_heads}/"
                                  f"{self.teacher_cfg.kv_heads}/{self.teacher_cfg.ffn_size}) do not divide by "
                                  f"parallel.tp={dims.tp}; choose tp dividing the teacher's sizes")
             apply_tensor_parallel(self.teacher, tcfg, dims)
@@ -114,7 +115,7 @@ class DistillationTask:
             from megatrain.compress.io import load_model
             model, student_cfg = load_model(self.d.student)
             if student_cfg != self.cfg.model:
-                raise ValueError(f"distill.student={self.d.student} has a different model section than the config; "
+                raise UserError(f"distill.student={self.d.student} has a different model section than the config; "
                                  "take model from the student's config.yaml (launch/distill.py does)")
         else:
             model = self.lm.build_model()

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatrain.compress.units import heads_of
+from megatrain.errors import UserError
 
 
 @dataclass
@@ -197,4 +198,4 @@ def compute_scores(kind: str, model: nn.Module, batches: list[dict], loss_fn=Non
     if kind == "activation":
         return activation_scores(model, batches, tp_group=tp_group, dp_group=dp_group,
                                  sequence_parallel=sequence_parallel)
-    raise ValueError(f"prune.importance={kind!r} is unknown; use l1, l2, taylor or activation")
+    raise UserError(f"prune.importance={kind!r} is unknown; use l1, l2, taylor or activation")

@@ -18,6 +18,7 @@ import yaml
 
 from megatrain.config.schema import ModelConfig
 from megatrain.fsutil import atomic_write_text
+from megatrain.errors import UserError
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
 
@@ -54,11 +55,11 @@ def _from_deepspeed(step_dir: str) -> tuple[ModelConfig, dict]:
     model_cfg = ModelConfig(**meta["config"]["model"])
     files = sorted(glob.glob(os.path.join(step_dir, "mp_rank_*_model_states.pt")))
     if len(files) != 1:
-        raise ValueError(f"{step_dir}: {len(files)} model-state files (a tp/pp>1 DeepSpeed checkpoint); these passes "
+        raise UserError(f"{step_dir}: {len(files)} model-state files (a tp/pp>1 DeepSpeed checkpoint); these passes "
                          "read tp=1 pp=1 checkpoints until the layout-free loader lands; re-save with tp=1")
     state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     if not state:
-        raise ValueError(f"{step_dir}: no module weights in the DeepSpeed checkpoint (ZeRO-3 partitions them); "
+        raise UserError(f"{step_dir}: no module weights in the DeepSpeed checkpoint (ZeRO-3 partitions them); "
                          "save with parallel.zero_stage<=2 or convert with zero_to_fp32")
     return model_cfg, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
@@ -71,7 +72,7 @@ def _from_hf(path: str) -> tuple[ModelConfig, dict]:
         model_cfg = ModelConfig(**model_fields_from_hf(json.load(f)))
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise ValueError(f"{path}: Hugging Face dir without *.safetensors; save it with safe_serialization=True")
+        raise UserError(f"{path}: Hugging Face dir without *.safetensors; save it with safe_serialization=True")
     hf_state: dict = {}
     for f in files:
         hf_state.update(load_file(f))
@@ -81,7 +82,7 @@ def _from_hf(path: str) -> tuple[ModelConfig, dict]:
 def load_model_state(path: str) -> tuple[ModelConfig, dict]:
     """(model config, full state dict) from any accepted source; a one-line ValueError otherwise."""
     if not os.path.isdir(path):
-        raise ValueError(f"{path}: no such directory; pass a run/checkpoint dir, a pruned model dir or an HF dir")
+        raise UserError(f"{path}: no such directory; pass a run/checkpoint dir, a pruned model dir or an HF dir")
     if os.path.isfile(os.path.join(path, MODEL_FILE)) and os.path.isfile(os.path.join(path, CONFIG_FILE)):
         from safetensors.torch import load_file
         with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
@@ -95,7 +96,7 @@ def load_model_state(path: str) -> tuple[ModelConfig, dict]:
         return _from_hf(path)
     step = _step_dir(path)
     if step is None:
-        raise ValueError(f"{path}: not a model (no model.safetensors+config.yaml, config.json or a checkpoint); "
+        raise UserError(f"{path}: not a model (no model.safetensors+config.yaml, config.json or a checkpoint); "
                          "pass a run/checkpoint dir, a pruned model dir or an HF dir")
     if os.path.isfile(os.path.join(step, "manifest.json")):  # layout-free checkpoint: any saved layout
         from megatrain.checkpoint.layout_free import load_model_state as layout_free

@@ -24,6 +24,7 @@ from megatrain.config.schema import Config, ModelConfig
 from megatrain.dist.env import is_main_process
 from megatrain.models.transformer import build_transformer
 from megatrain.train.lm_task import LanguageModelingTask
+from megatrain.errors import UserError
 
 
 def with_fields(cfg: Config, **dotted) -> Config:
@@ -57,7 +58,7 @@ def _setup(cfg: Config, local_rank, *, pipeline: bool = False):
     from megatrain.dist.env import init_distributed
     resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # a bad layout fails before any group exists
     if cfg.parallel.pp > 1 and not pipeline:
-        raise ValueError("prune with parallel.pp>1 is not supported; use tp and ZeRO (train the result with pp "
+        raise UserError("prune with parallel.pp>1 is not supported; use tp and ZeRO (train the result with pp "
                          "afterwards)")
     _, world, _ = init_distributed(local_rank)
     lay = resolve_layout(cfg, world)
@@ -69,7 +70,7 @@ def _source_model(cfg: Config, path: str | None, field: str) -> tuple[torch.nn.M
         return build_transformer(cfg.model, seed=cfg.train.seed), cfg.model
     model, model_cfg = load_model(path)
     if model_cfg.vocab_size != cfg.model.vocab_size:
-        raise ValueError(f"{field}={path} has vocab_size={model_cfg.vocab_size} but data.path's tokenizer has "
+        raise UserError(f"{field}={path} has vocab_size={model_cfg.vocab_size} but data.path's tokenizer has "
                          f"{cfg.model.vocab_size}; use the data the model was trained on")
     return model, model_cfg
 
@@ -165,10 +166,10 @@ def run_distill(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
     """Distill cfg.distill.teacher into the student (cfg.distill.student or the config's model)."""
     d = cfg.distill
     if not d.teacher and not d.teacher_cache:
-        raise ValueError("distill.teacher is not set; point it at a megatrain checkpoint, a pruned model dir or a "
+        raise UserError("distill.teacher is not set; point it at a megatrain checkpoint, a pruned model dir or a "
                          "local Hugging Face dir, or set distill.teacher_cache")
     if cfg.parallel.pp > 1 and not d.teacher_cache:
-        raise ValueError("distill with parallel.pp>1 needs a precomputed teacher: the pipeline computes the loss on "
+        raise UserError("distill with parallel.pp>1 needs a precomputed teacher: the pipeline computes the loss on "
                          "its last stage, where a live teacher cannot run; write one with launch/cache_teacher.py and "
                          "set distill.teacher_cache")
     lm = LanguageModelingTask(cfg)
@@ -200,15 +201,15 @@ def run_cache_teacher(cfg: Config, *, local_rank: int | None = None) -> str:
     from megatrain.dist.env import device, init_distributed
     d = cfg.distill
     if not d.teacher or not d.teacher_cache:
-        raise ValueError("writing a teacher cache needs distill.teacher (the model to run) and distill.teacher_cache "
+        raise UserError("writing a teacher cache needs distill.teacher (the model to run) and distill.teacher_cache "
                          "(the output directory)")
     if os.path.exists(os.path.join(d.teacher_cache, MANIFEST)):
-        raise ValueError(f"distill.teacher_cache={d.teacher_cache} already holds a cache; delete it or choose "
+        raise UserError(f"distill.teacher_cache={d.teacher_cache} already holds a cache; delete it or choose "
                          "another directory")
     lm = LanguageModelingTask(cfg)  # fills model.vocab_size from the data
     teacher, teacher_cfg = load_model(d.teacher)
     if teacher_cfg.vocab_size != cfg.model.vocab_size:
-        raise ValueError(f"distill.teacher has vocab_size={teacher_cfg.vocab_size} but data.path's tokenizer has "
+        raise UserError(f"distill.teacher has vocab_size={teacher_cfg.vocab_size} but data.path's tokenizer has "
                          f"{cfg.model.vocab_size}; use the data the teacher was trained on")
     rank, world, _ = init_distributed(local_rank)
     teacher.requires_grad_(False)

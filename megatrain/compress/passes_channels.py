@@ -23,6 +23,7 @@ from megatrain.compress.report import write_table
 from megatrain.config.schema import Config, ModelConfig
 from megatrain.dist.env import is_main_process
 from megatrain.train.tasks import make_task
+from megatrain.errors import UserError
 
 
 def _source_model(cfg: Config, task) -> tuple[torch.nn.Module, ModelConfig]:
@@ -35,7 +36,7 @@ def _source_model(cfg: Config, task) -> tuple[torch.nn.Module, ModelConfig]:
         if field == "vocab_size" and cfg.model.arch == "resnet":
             continue
         if mine != theirs:
-            raise ValueError(f"prune.source={path} has model.{field}={theirs} but the config (and its data) has "
+            raise UserError(f"prune.source={path} has model.{field}={theirs} but the config (and its data) has "
                              f"{mine}; use the recipe and data the model was trained with")
     return model, model_cfg
 

@@ -24,6 +24,7 @@ from torch import nn
 from megatrain.compress.importance import Scores
 from megatrain.compress.units import group_heads, keep_blocks, prune_heads, prune_mlp
 from megatrain.config.schema import ModelConfig, PruneConfig
+from megatrain.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -41,26 +42,26 @@ class Sizes:
 def _removed(frac: float, n: int, field: str, what: str) -> int:
     r = round(frac * n)
     if frac > 0 and r == 0:
-        raise ValueError(f"prune.{field}={frac} removes no {what} of {n} (rounds to 0); use at least {1 / n:.3g}")
+        raise UserError(f"prune.{field}={frac} removes no {what} of {n} (rounds to 0); use at least {1 / n:.3g}")
     if r >= n:
-        raise ValueError(f"prune.{field}={frac} removes all {n} {what}s; use a fraction below {(n - 0.5) / n:.3g}")
+        raise UserError(f"prune.{field}={frac} removes all {n} {what}s; use a fraction below {(n - 0.5) / n:.3g}")
     return r
 
 
 def _check_tp(kept: int, n: int, tp: int, field: str, frac: float, what: str) -> None:
     if kept % tp:
         ok = [f"{(n - k) / n:.4g}" for k in (kept // tp * tp, kept // tp * tp + tp) if 0 < k < n]
-        raise ValueError(f"prune.{field}={frac} keeps {kept} of {n} {what}, not divisible by parallel.tp={tp}; "
+        raise UserError(f"prune.{field}={frac} keeps {kept} of {n} {what}, not divisible by parallel.tp={tp}; "
                          f"use prune.{field}={' or '.join(ok) or '0'} (kept counts that divide by tp)")
 
 
 def target_sizes(m: ModelConfig, p: PruneConfig, *, tp: int = 1) -> Sizes:
     """The sizes prune.{mlp,heads,layers} ask for, checked for divisibility by tp."""
     if not m.is_transformer:
-        raise ValueError(f"model.arch={m.arch}: prune.mlp/heads/layers are for gpt2/llama Transformers; "
+        raise UserError(f"model.arch={m.arch}: prune.mlp/heads/layers are for gpt2/llama Transformers; "
                          "prune resnet/lstm/gru with prune.channels (megatrain.compress.prune_channels)")
     if p.channels:
-        raise ValueError(f"prune.channels is for resnet/lstm/gru; for model.arch={m.arch} use prune.mlp, "
+        raise UserError(f"prune.channels is for resnet/lstm/gru; for model.arch={m.arch} use prune.mlp, "
                          "prune.heads or prune.layers (and set prune.channels=0)")
     s = Sizes.of(m)
     layers = s.num_layers - _removed(p.layers, s.num_layers, "layers", "block")
@@ -143,7 +144,7 @@ def pruned_model_config(m: ModelConfig, new: Sizes) -> ModelConfig:
         # Removing heads keeps head_dim, so num_heads·head_dim is no longer hidden_size: the config must
         # record head_dim explicitly.
         if "head_dim" not in ModelConfig.model_fields:
-            raise ValueError(f"prune.heads: {new.num_heads} heads of dim {m.attn_head_dim} no longer fill "
+            raise UserError(f"prune.heads: {new.num_heads} heads of dim {m.attn_head_dim} no longer fill "
                              f"model.hidden_size={m.hidden_size}, and this megatrain's ModelConfig has no head_dim "
                              "field to record that; set prune.heads=0 (MLP/depth pruning works)")
         fields["head_dim"] = m.attn_head_dim

@@ -23,6 +23,7 @@ from megatrain.compress.prune import _removed
 from megatrain.compress.units_cnn import resnet_groups
 from megatrain.compress.units_rnn import rnn_groups
 from megatrain.config.schema import ModelConfig, PruneConfig
+from megatrain.errors import UserError
 
 
 @dataclass
@@ -47,17 +48,17 @@ def groups_of(model: nn.Module, m: ModelConfig) -> list[Group]:
 def check_channel_target(m: ModelConfig, p: PruneConfig, *, tp: int = 1) -> None:
     """One-line errors for settings channel pruning cannot honour (before any process group exists)."""
     if tp > 1:
-        raise ValueError(f"model.arch={m.arch} is not tensor-parallel in megatrain; prune it with parallel.tp=1 "
+        raise UserError(f"model.arch={m.arch} is not tensor-parallel in megatrain; prune it with parallel.tp=1 "
                          "(data parallelism works)")
     for field in ("mlp", "heads", "layers"):
         if getattr(p, field):
-            raise ValueError(f"prune.{field} is for gpt2/llama Transformers; for model.arch={m.arch} use "
+            raise UserError(f"prune.{field} is for gpt2/llama Transformers; for model.arch={m.arch} use "
                              f"prune.channels (and set prune.{field}=0)")
     if p.channels == 0:
-        raise ValueError(f"prune.channels=0 removes nothing from model.arch={m.arch}; set a fraction in (0, 1), "
+        raise UserError(f"prune.channels=0 removes nothing from model.arch={m.arch}; set a fraction in (0, 1), "
                          "e.g. prune.channels=0.5")
     if m.arch != "resnet" and m.task == "language_modeling" and m.tied:
-        raise ValueError("model.tie_embeddings=true: the LM head shares the embedding, so its input cannot lose "
+        raise UserError("model.tie_embeddings=true: the LM head shares the embedding, so its input cannot lose "
                          "hidden units; prune a model trained with model.tie_embeddings=false")
 
 
@@ -174,7 +175,7 @@ def channel_scores(kind: str, model: nn.Module, m: ModelConfig, batches: list[di
         mass = _activation_mass(model, groups, batches, loss_fn) if m.arch == "resnet" else \
             _rnn_activation_mass(model, batches, loss_fn)
         return ChannelScores(_sum_over(mass, dp_group), kind)
-    raise ValueError(f"prune.importance={kind!r} is unknown; use l1, l2, taylor or activation")
+    raise UserError(f"prune.importance={kind!r} is unknown; use l1, l2, taylor or activation")
 
 
 def pruned_channel_config(m: ModelConfig, new: tuple[int, ...]) -> ModelConfig:

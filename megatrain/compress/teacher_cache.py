@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from megatrain.fsutil import atomic_write_text, fsync_dir
+from megatrain.errors import UserError
 
 FORMAT, VERSION, MANIFEST = "megatrain-teacher-topk", 1, "manifest.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -91,10 +92,10 @@ def write_teacher_cache(out_dir: str, teacher: torch.nn.Module, dataset, *, k: i
     from megatrain.compress.sparse_kl import topk_targets
     n = len(dataset) if num_samples is None else num_samples
     if not 0 < n <= len(dataset):
-        raise ValueError(f"distill.cache_samples={num_samples} but the training split has {len(dataset)} samples "
+        raise UserError(f"distill.cache_samples={num_samples} but the training split has {len(dataset)} samples "
                          f"of seq_len={dataset.seq_len}; use 1..{len(dataset)} or leave it unset (all)")
     if not 0 < k <= vocab_size:
-        raise ValueError(f"distill.cache_topk={k} must be in 1..vocab_size={vocab_size}")
+        raise UserError(f"distill.cache_topk={k} must be in 1..vocab_size={vocab_size}")
     seq = dataset.seq_len
     per_sample = seq * (k * (4 + np.dtype(DTYPES[value_dtype]).itemsize) + 4)
     shard_samples = shard_samples or max(1, SHARD_BYTES // per_sample)
@@ -133,12 +134,12 @@ class TeacherCache:
         self.path = path
         mpath = os.path.join(path, MANIFEST)
         if not os.path.isfile(mpath):
-            raise ValueError(f"distill.teacher_cache={path} has no {MANIFEST} (not a teacher cache, or its writing did "
+            raise UserError(f"distill.teacher_cache={path} has no {MANIFEST} (not a teacher cache, or its writing did "
                              "not finish); write it with launch/cache_teacher.py")
         with open(mpath, encoding="utf-8") as f:
             self.manifest = m = json.load(f)
         if m.get("format") != FORMAT or m.get("version") != VERSION:
-            raise ValueError(f"distill.teacher_cache={path}: format {m.get('format')!r} v{m.get('version')} is not "
+            raise UserError(f"distill.teacher_cache={path}: format {m.get('format')!r} v{m.get('version')} is not "
                              f"{FORMAT} v{VERSION}; rewrite it with launch/cache_teacher.py")
         self.k, self.seq_len, self.num_samples = int(m["k"]), int(m["seq_len"]), int(m["num_samples"])
         self.value_dtype = DTYPES[m["value_dtype"]]
@@ -151,7 +152,7 @@ class TeacherCache:
                 fpath = os.path.join(path, name)
                 have = os.path.getsize(fpath) if os.path.isfile(fpath) else -1
                 if have != want:
-                    raise ValueError(f"distill.teacher_cache={path}: {name} has {have} bytes, the manifest needs "
+                    raise UserError(f"distill.teacher_cache={path}: {name} has {have} bytes, the manifest needs "
                                      f"{want}; the cache is incomplete or corrupt - write it again")
 
     def check(self, *, vocab_size: int, seq_len: int, temperature: float, k: int | None, data: dict,
@@ -160,29 +161,29 @@ class TeacherCache:
         m, p = self.manifest, f"distill.teacher_cache={self.path}"
         rebuild = "or rebuild the cache with launch/cache_teacher.py"
         if m["vocab_size"] != vocab_size:
-            raise ValueError(f"{p} holds vocab_size={m['vocab_size']} but model.vocab_size={vocab_size}; use data "
+            raise UserError(f"{p} holds vocab_size={m['vocab_size']} but model.vocab_size={vocab_size}; use data "
                              f"tokenized like the teacher's, {rebuild}")
         if m["seq_len"] != seq_len:
-            raise ValueError(f"{p} was written with data.seq_len={m['seq_len']} but the config has {seq_len}; set "
+            raise UserError(f"{p} was written with data.seq_len={m['seq_len']} but the config has {seq_len}; set "
                              f"data.seq_len={m['seq_len']} {rebuild}")
         if k is not None and m["k"] != k:
-            raise ValueError(f"{p} holds k={m['k']} logits per position but distill.cache_topk={k}; set "
+            raise UserError(f"{p} holds k={m['k']} logits per position but distill.cache_topk={k}; set "
                              f"distill.cache_topk={m['k']} (or leave it unset) {rebuild}")
         if abs(m["temperature"] - temperature) > 1e-9:
-            raise ValueError(f"{p} was written at temperature {m['temperature']} but distill.temperature="
+            raise UserError(f"{p} was written at temperature {m['temperature']} but distill.temperature="
                              f"{temperature}; set distill.temperature={m['temperature']} {rebuild}")
         saved = m["data"]
         if saved["dataset_samples"] != data["dataset_samples"] or saved["split"] != data["split"]:
-            raise ValueError(f"{p} was written for {saved['dataset_samples']} '{saved['split']}' samples of "
+            raise UserError(f"{p} was written for {saved['dataset_samples']} '{saved['split']}' samples of "
                              f"{saved['path']} but data.path={data['path']} yields {data['dataset_samples']}; point "
                              f"data.path at the cached data {rebuild}")
         if saved["tokens_crc32"] != data["tokens_crc32"]:
-            raise ValueError(f"{p}: the tokens of data.path={data['path']} differ from the cached ones (CRC "
+            raise UserError(f"{p}: the tokens of data.path={data['path']} differ from the cached ones (CRC "
                              f"{data['tokens_crc32']} vs {saved['tokens_crc32']}); point data.path at the cached "
                              f"data {rebuild}")
         have = m.get("teacher", {}).get("weights_crc32")
         if teacher_crc is not None and have is not None and have != teacher_crc:
-            raise ValueError(f"{p} was computed from teacher {m['teacher'].get('path')} (weights CRC {have}) but "
+            raise UserError(f"{p} was computed from teacher {m['teacher'].get('path')} (weights CRC {have}) but "
                              f"distill.teacher has CRC {teacher_crc}; point distill.teacher at the cached teacher, "
                              f"unset it, {rebuild}")
 

@@ -10,8 +10,7 @@ from pydantic import ValidationError
 from megatrain.config.schema import Config
 
 
-class ConfigError(ValueError):
-    """A user error in a config file or override; the message is one actionable line."""
+from megatrain.errors import ConfigError  # noqa: F401 (re-exported: megatrain.config.ConfigError)
 
 
 def parse_overrides(args: Iterable[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from megatrain.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,13 @@ class AugmentSpec:
 
     def __post_init__(self):
         if self.rotation_deg < 0 or self.translate < 0:
-            raise ValueError("augment: rotation_deg and translate must be >= 0")
+            raise DataError("augment: rotation_deg and translate must be >= 0")
         if not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"augment: scale={self.scale} must satisfy 0 < low <= high")
+            raise DataError(f"augment: scale={self.scale} must satisfy 0 < low <= high")
         if not (0 <= self.hflip <= 1 and 0 <= self.vflip <= 1):
-            raise ValueError("augment: hflip and vflip are probabilities in [0, 1]")
+            raise DataError("augment: hflip and vflip are probabilities in [0, 1]")
         if self.padding_mode not in ("zeros", "border", "reflection"):
-            raise ValueError(f"augment: padding_mode={self.padding_mode!r} is not zeros, border or reflection")
+            raise DataError(f"augment: padding_mode={self.padding_mode!r} is not zeros, border or reflection")
 
 
 # Flips change a digit's identity (a mirrored 2 is no 2; a 6 upside-down is a 9), so digits get none; augmentation

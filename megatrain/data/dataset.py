@@ -14,16 +14,17 @@ import torch
 
 from megatrain.data.indexed import ShardReader
 from megatrain.data.prepare import read_meta
+from megatrain.errors import DataError
 
 
 class PackedTokenDataset(torch.utils.data.Dataset):
     def __init__(self, path: str, split: str, seq_len: int):
         if seq_len <= 0:
-            raise ValueError(f"data.seq_len={seq_len} must be positive")
+            raise DataError(f"data.seq_len={seq_len} must be positive")
         self.path = os.path.abspath(os.path.expanduser(path))
         self.meta = read_meta(self.path)
         if split not in self.meta["splits"]:
-            raise ValueError(f"split {split!r} not in {self.path} (has {sorted(self.meta['splits'])})")
+            raise DataError(f"split {split!r} not in {self.path} (has {sorted(self.meta['splits'])})")
         self.split = split
         self.seq_len = seq_len
         self.vocab_size = int(self.meta["vocab_size"])
@@ -33,7 +34,7 @@ class PackedTokenDataset(torch.utils.data.Dataset):
         self.num_tokens = int(self._starts[-1])
         self.num_samples = max(0, (self.num_tokens - 1) // seq_len)
         if self.num_samples == 0:
-            raise ValueError(
+            raise DataError(
                 f"split '{split}' of {self.path} has {self.num_tokens} tokens, fewer than one sample of "
                 f"seq_len+1={seq_len + 1}; lower data.seq_len, add data (data.max_bytes/sources)"
                 + (" or raise data.val_fraction" if split == "val" else ""))
@@ -44,7 +45,7 @@ class PackedTokenDataset(torch.utils.data.Dataset):
         sizes = [s.num_tokens for s in self._shards]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (num_shards + 1,)
         if int(self._starts[-1]) != int(self.meta["splits"][self.split]["num_tokens"]):
-            raise ValueError(f"{self.path}: shards of split '{self.split}' hold {int(self._starts[-1])} tokens but "
+            raise DataError(f"{self.path}: shards of split '{self.split}' hold {int(self._starts[-1])} tokens but "
                              f"meta.json records {self.meta['splits'][self.split]['num_tokens']}; prepare again with --force")
 
     def __len__(self) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from megatrain.errors import DataError
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -47,7 +48,7 @@ def _to_nchw(x: np.ndarray, path: str) -> np.ndarray:
     if x.ndim == 3:
         return x[:, None]
     if x.ndim != 4:
-        raise ValueError(f"data.path={path}: x has shape {x.shape}; expected (N, H, W), (N, H, W, C) or (N, C, H, W)")
+        raise DataError(f"data.path={path}: x has shape {x.shape}; expected (N, H, W), (N, H, W, C) or (N, C, H, W)")
     # channels-last when the last axis looks like channels and the second does not
     if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
         return x.transpose(0, 3, 1, 2)
@@ -56,17 +57,17 @@ def _to_nchw(x: np.ndarray, path: str) -> np.ndarray:
 
 def load_npz_arrays(path: str) -> ImageArrays:
     if not os.path.isfile(path):
-        raise ValueError(f"data.path={path}: no such .npz file; point data.path at an .npz with arrays x and y")
+        raise DataError(f"data.path={path}: no such .npz file; point data.path at an .npz with arrays x and y")
     with np.load(path, allow_pickle=False) as f:
         missing = {"x", "y"} - set(f.files)
         if missing:
-            raise ValueError(f"data.path={path}: missing array(s) {sorted(missing)}; save with np.savez(path, x=..., y=...)")
+            raise DataError(f"data.path={path}: missing array(s) {sorted(missing)}; save with np.savez(path, x=..., y=...)")
         x, y = f["x"], f["y"]
         names = [str(n) for n in f["class_names"]] if "class_names" in f.files else []
     if len(x) != len(y):
-        raise ValueError(f"data.path={path}: x has {len(x)} samples but y has {len(y)}; they must match")
+        raise DataError(f"data.path={path}: x has {len(x)} samples but y has {len(y)}; they must match")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise ValueError(f"data.path={path}: y must be a 1-D array of non-negative integer class ids")
+        raise DataError(f"data.path={path}: y must be a 1-D array of non-negative integer class ids")
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     x = _to_nchw(x, path).astype(np.float32) / scale
     return ImageArrays(np.ascontiguousarray(x), y.astype(np.int64), names)
@@ -76,14 +77,14 @@ def load_image_folder(path: str, *, in_channels: int) -> ImageArrays:
     try:
         from PIL import Image
     except ImportError:
-        raise ValueError("data.dataset=images needs Pillow; pip install pillow (or convert the images to an .npz)") from None
+        raise DataError("data.dataset=images needs Pillow; pip install pillow (or convert the images to an .npz)") from None
     if not os.path.isdir(path):
-        raise ValueError(f"data.path={path}: no such folder; give a folder with one sub-folder of images per class")
+        raise DataError(f"data.path={path}: no such folder; give a folder with one sub-folder of images per class")
     if in_channels not in (1, 3):
-        raise ValueError(f"model.in_channels={in_channels}: image folders load as 1 (grayscale) or 3 (RGB) channels")
+        raise DataError(f"model.in_channels={in_channels}: image folders load as 1 (grayscale) or 3 (RGB) channels")
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not classes:
-        raise ValueError(f"data.path={path}: no class sub-folders; put each class's images in its own sub-folder")
+        raise DataError(f"data.path={path}: no class sub-folders; put each class's images in its own sub-folder")
     xs, ys, size = [], [], None
     for label, name in enumerate(classes):
         folder = os.path.join(path, name)
@@ -96,12 +97,12 @@ def load_image_folder(path: str, *, in_channels: int) -> ImageArrays:
             if size is None:
                 size = arr.shape[:2]
             elif arr.shape[:2] != size:
-                raise ValueError(f"data.path={path}: {fpath} is {arr.shape[1]}x{arr.shape[0]} but earlier images are "
+                raise DataError(f"data.path={path}: {fpath} is {arr.shape[1]}x{arr.shape[0]} but earlier images are "
                                  f"{size[1]}x{size[0]}; resize all images to one size first")
             xs.append(arr)
             ys.append(label)
     if not xs:
-        raise ValueError(f"data.path={path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
+        raise DataError(f"data.path={path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
     x = np.stack(xs).astype(np.float32) / 255.0
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W)
     return ImageArrays(np.ascontiguousarray(x), np.asarray(ys, dtype=np.int64), classes)
@@ -115,9 +116,9 @@ def load_image_arrays(dataset: str, path: str, *, in_channels: int) -> ImageArra
     elif dataset == "images":
         arrays = load_image_folder(path, in_channels=in_channels)
     else:
-        raise ValueError(f"data.dataset={dataset} is not image data; use digits, images or npz")
+        raise DataError(f"data.dataset={dataset} is not image data; use digits, images or npz")
     if arrays.x.shape[1] != in_channels:
-        raise ValueError(f"model.in_channels={in_channels} but the {dataset} data has {arrays.x.shape[1]} channel(s); "
+        raise DataError(f"model.in_channels={in_channels} but the {dataset} data has {arrays.x.shape[1]} channel(s); "
                          f"set model.in_channels={arrays.x.shape[1]}")
     return arrays
 
@@ -126,7 +127,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, *, seed: int) -> t
     """Sorted (train_idx, val_idx): each class keeps ~val_fraction of its samples for validation (at least one
     when it has two or more and val_fraction > 0), shuffled by ``seed`` alone."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c in np.unique(labels):
@@ -216,19 +217,19 @@ def load_sequence_arrays(dataset: str, path: str) -> SequenceArrays:
         return SequenceArrays(tokens, np.full(len(tokens), tokens.shape[1], dtype=np.int64),
                               d.target.astype(np.int64), 17, [str(c) for c in d.target_names])
     if dataset != "npz":
-        raise ValueError(f"data.dataset={dataset} is not supported for RNN classification; use digits or npz")
+        raise DataError(f"data.dataset={dataset} is not supported for RNN classification; use digits or npz")
     if not os.path.isfile(path):
-        raise ValueError(f"data.path={path}: no such .npz file; save token ids with np.savez(path, x=ids, y=labels)")
+        raise DataError(f"data.path={path}: no such .npz file; save token ids with np.savez(path, x=ids, y=labels)")
     with np.load(path, allow_pickle=False) as f:
         if not {"x", "y"} <= set(f.files):
-            raise ValueError(f"data.path={path}: needs arrays x (N, T) token ids and y (N,) labels")
+            raise DataError(f"data.path={path}: needs arrays x (N, T) token ids and y (N,) labels")
         x, y = f["x"], f["y"]
         lengths = f["lengths"] if "lengths" in f.files else np.full(len(x), x.shape[1] if x.ndim == 2 else 0)
         names = [str(n) for n in f["class_names"]] if "class_names" in f.files else []
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
-        raise ValueError(f"data.path={path}: x must be a 2-D integer array of token ids (N, T) for an RNN classifier")
+        raise DataError(f"data.path={path}: x must be a 2-D integer array of token ids (N, T) for an RNN classifier")
     if len(x) != len(y) or len(lengths) != len(x):
-        raise ValueError(f"data.path={path}: x, y (and lengths) must have the same number of rows")
+        raise DataError(f"data.path={path}: x, y (and lengths) must have the same number of rows")
     if len(lengths) and (lengths.min() < 1 or lengths.max() > x.shape[1]):
-        raise ValueError(f"data.path={path}: lengths must lie in [1, {x.shape[1]}]")
+        raise DataError(f"data.path={path}: lengths must lie in [1, {x.shape[1]}]")
     return SequenceArrays(x.astype(np.int64), lengths.astype(np.int64), y.astype(np.int64), int(x.max()) + 1, names)

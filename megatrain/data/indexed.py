@@ -19,6 +19,7 @@ import os
 import struct
 
 import numpy as np
+from megatrain.errors import DataError
 
 MAGIC = b"MTIDX\x00\x00\x01"
 VERSION = 1
@@ -27,7 +28,7 @@ _DTYPES = {1: np.dtype(np.uint16), 2: np.dtype(np.uint32)}
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 
-class CorruptShardError(ValueError):
+class CorruptShardError(DataError):
     """A shard whose .idx/.bin do not agree; the message names the file and says how to rebuild it."""
 
 
@@ -53,16 +54,16 @@ class ShardWriter:
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODES:
-            raise ValueError(f"token dtype {self.dtype} unsupported; use uint16 or uint32")
+            raise DataError(f"token dtype {self.dtype} unsupported; use uint16 or uint32")
         self._bin = open(prefix + ".bin", "wb")
         self._offsets = [0]
 
     def add(self, tokens) -> None:
         arr = np.asarray(tokens)
         if arr.ndim != 1:
-            raise ValueError(f"a document must be a 1-D token array, got shape {arr.shape}")
+            raise DataError(f"a document must be a 1-D token array, got shape {arr.shape}")
         if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(self.dtype).max):
-            raise ValueError(f"token ids out of range for {self.dtype} in {self.prefix}.bin; use a uint32 shard")
+            raise DataError(f"token ids out of range for {self.dtype} in {self.prefix}.bin; use a uint32 shard")
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
         self._offsets.append(self._offsets[-1] + int(arr.size))
 

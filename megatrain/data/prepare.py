@@ -26,6 +26,7 @@ from megatrain.data.indexed import CorruptShardError, ShardReader, ShardWriter, 
 from megatrain.data.sources import SourceStats, check_sources, describe_sources, iter_documents
 from megatrain.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from megatrain.fsutil import fsync_dir
+from megatrain.errors import DataError
 
 log = logging.getLogger("megatrain.data")
 
@@ -157,7 +158,7 @@ def _read_corpus(data_cfg) -> tuple[list[str], dict]:
                     len(bad), ", ".join(bad[:3]))
     stats = dict(src_stats.as_dict(), **cleaner.stats(), bytes_kept=total, stopped_at_max_bytes=truncated)
     if not docs:
-        raise ValueError(
+        raise DataError(
             f"data.sources={list(data_cfg.sources)}: no documents left ({stats['files_read']} files read, "
             f"{stats['dropped_short']} shorter than data.min_chars={data_cfg.min_chars}, "
             f"{stats['dropped_duplicate']} duplicates, {len(bad)} not UTF-8, {stats['skipped_binary']} binary); "
@@ -194,7 +195,7 @@ def _make_tokenizer(data_cfg, tmp: str, train_docs: list[str], seed: int) -> tup
     else:
         rel = "tokenizer.model"
         if not train_docs:
-            raise ValueError("no training documents to learn a tokenizer from; add data or set data.tokenizer")
+            raise DataError("no training documents to learn a tokenizer from; add data or set data.tokenizer")
         train_sentencepiece(_tokenizer_sample(train_docs, seed), os.path.join(tmp, rel),
                             vocab_size=data_cfg.vocab_size, num_threads=max(1, data_cfg.num_workers))
         info = {"kind": "sentencepiece", "path": rel, "source": "trained"}
@@ -301,12 +302,12 @@ def _write_split(texts: list[str], prefix: str, tok_path: str, tokenizer: Tokeni
 def read_meta(data_dir: str) -> dict:
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
-        raise ValueError(f"{data_dir} is not a prepared data directory (no meta.json); run "
+        raise DataError(f"{data_dir} is not a prepared data directory (no meta.json); run "
                          "`python launch/prepare.py --config <recipe>` or fix data.path")
     with open(path, encoding="utf-8") as f:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: data format version {meta.get('format_version')}, this megatrain reads "
+        raise DataError(f"{path}: data format version {meta.get('format_version')}, this megatrain reads "
                          f"{FORMAT_VERSION}; prepare again with --force")
     return meta
 
@@ -332,10 +333,10 @@ def _existing_summary(out_dir: str, digest: str) -> dict | None:
 def _refuse_foreign_dir(out_dir: str) -> None:
     # We only ever replace a directory we made (it has meta.json) or an empty one: never a user's files.
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "meta.json")):
-        raise ValueError(f"data.path={out_dir} exists, is not empty and holds no meta.json; "
+        raise DataError(f"data.path={out_dir} exists, is not empty and holds no meta.json; "
                          "point data.path at a new or empty directory")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"data.path={out_dir} is a file; point data.path at a directory")
+        raise DataError(f"data.path={out_dir} is a file; point data.path at a directory")
 
 
 def _atomic_swap(tmp: str, out_dir: str) -> None:

@@ -8,14 +8,15 @@ batches an uninterrupted run would have drawn from step s on.
 from __future__ import annotations
 
 import numpy as np
+from megatrain.errors import DataError
 
 
 class GlobalBatchSampler:
     def __init__(self, num_samples: int, global_batch_size: int, seed: int):
         if num_samples <= 0:
-            raise ValueError(f"num_samples={num_samples}: the dataset is empty; prepare more data or lower data.seq_len")
+            raise DataError(f"num_samples={num_samples}: the dataset is empty; prepare more data or lower data.seq_len")
         if global_batch_size <= 0:
-            raise ValueError(f"train.global_batch_size={global_batch_size} must be positive")
+            raise DataError(f"train.global_batch_size={global_batch_size} must be positive")
         self.num_samples = int(num_samples)
         self.global_batch_size = int(global_batch_size)
         self.seed = int(seed)
@@ -38,7 +39,7 @@ class GlobalBatchSampler:
     def indices_for_step(self, step: int) -> list[int]:
         """The ``global_batch_size`` sample indices of optimizer step ``step`` (0-based)."""
         if step < 0:
-            raise ValueError(f"step={step} must be >= 0")
+            raise DataError(f"step={step} must be >= 0")
         pos = step * self.global_batch_size
         out: list[int] = []
         while len(out) < self.global_batch_size:
@@ -56,7 +57,7 @@ class GlobalBatchSampler:
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "num_samples"):
             if key in state and int(state[key]) != getattr(self, key):
-                raise ValueError(f"data sampler checkpoint has {key}={state[key]} but this run has "
+                raise DataError(f"data sampler checkpoint has {key}={state[key]} but this run has "
                                  f"{getattr(self, key)}; resume with the same train.seed and prepared data "
                                  "(or start a fresh run)")
         self.consumed_samples = int(state["consumed_samples"])
@@ -76,13 +77,13 @@ def rank_slice(indices: list[int], *, dp_rank: int, dp_size: int, micro_batch_si
     """
     per_micro = dp_size * micro_batch_size
     if dp_size <= 0 or micro_batch_size <= 0 or not 0 <= dp_rank < dp_size:
-        raise ValueError(f"rank_slice: need 0 <= dp_rank={dp_rank} < dp_size={dp_size} and micro_batch_size>0")
+        raise DataError(f"rank_slice: need 0 <= dp_rank={dp_rank} < dp_size={dp_size} and micro_batch_size>0")
     if len(indices) % per_micro:
-        raise ValueError(f"global batch of {len(indices)} is not divisible by dp_size*micro_batch_size="
+        raise DataError(f"global batch of {len(indices)} is not divisible by dp_size*micro_batch_size="
                          f"{dp_size}*{micro_batch_size}; make train.global_batch_size a multiple of {per_micro}")
     num_micro = len(indices) // per_micro
     if not 0 <= micro_step < num_micro:
-        raise ValueError(f"micro_step={micro_step} out of range: the global batch holds {num_micro} micro steps")
+        raise DataError(f"micro_step={micro_step} out of range: the global batch holds {num_micro} micro steps")
     start = (micro_step * dp_size + dp_rank) * micro_batch_size
     return list(indices[start:start + micro_batch_size])
 

@@ -15,6 +15,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from typing import Iterator
+from megatrain.errors import DataError
 
 STDLIB = "stdlib"
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
@@ -54,10 +55,10 @@ def describe_sources(sources: list[str]) -> list[str]:
 
 def check_sources(sources: list[str]) -> None:
     if not sources:
-        raise ValueError("data.sources is empty; list files, folders, .jsonl files or 'stdlib'")
+        raise DataError("data.sources is empty; list files, folders, .jsonl files or 'stdlib'")
     for src in sources:
         if src != STDLIB and not os.path.exists(os.path.expanduser(src)):
-            raise ValueError(f"data.sources: {src} does not exist; fix the path (relative paths are taken "
+            raise DataError(f"data.sources: {src} does not exist; fix the path (relative paths are taken "
                              f"from {os.getcwd()}) or use 'stdlib'")
 
 
@@ -124,15 +125,15 @@ def _iter_jsonl(path: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one "
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one "
                                  "JSON object like {\"text\": \"...\"}") from None
             if not isinstance(obj, dict) or "text" not in obj:
                 keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-                raise ValueError(f"{path}:{lineno}: no 'text' field (found {keys}); each line needs "
+                raise DataError(f"{path}:{lineno}: no 'text' field (found {keys}); each line needs "
                                  "{\"text\": \"...\"}")
             text = obj["text"]
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: 'text' is {type(text).__name__}, expected a string")
+                raise DataError(f"{path}:{lineno}: 'text' is {type(text).__name__}, expected a string")
             # JSON may carry lone surrogates ("\ud800"), which cannot be written as UTF-8; replace them.
             try:
                 text.encode("utf-8")

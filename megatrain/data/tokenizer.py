@@ -9,6 +9,7 @@ import io
 import json
 import os
 from typing import Iterable, Iterator
+from megatrain.errors import DataError
 
 # Special ids of the sentencepiece models we train; fixed so every prepared corpus agrees.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -45,7 +46,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.sp = spm.SentencePieceProcessor(model_file=path)
         self.vocab_size = int(self.sp.get_piece_size())
         if self.sp.eos_id() < 0:
-            raise ValueError(f"tokenizer {path} has no EOS piece; documents cannot be separated — "
+            raise DataError(f"tokenizer {path} has no EOS piece; documents cannot be separated — "
                              "train it with eos_id set or leave data.tokenizer unset to train one")
         self.eos_id = int(self.sp.eos_id())
         self.bos_id = int(self.sp.bos_id()) if self.sp.bos_id() >= 0 else None
@@ -72,12 +73,12 @@ class HFTokenizer(Tokenizer):
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise ValueError(f"data.tokenizer={path}: not a loadable Hugging Face tokenizer directory "
+            raise DataError(f"data.tokenizer={path}: not a loadable Hugging Face tokenizer directory "
                              f"({str(err).splitlines()[0]}); point it at a dir with tokenizer.json/tokenizer_config.json") from None
         self.vocab_size = len(self.tok)  # includes added special tokens
         eos = self.tok.eos_token_id
         if eos is None:
-            raise ValueError(f"data.tokenizer={path}: the HF tokenizer defines no eos_token; set one "
+            raise DataError(f"data.tokenizer={path}: the HF tokenizer defines no eos_token; set one "
                              "(tokenizer.eos_token = ...) and save_pretrained it again")
         self.eos_id = int(eos)
         self.bos_id = self.tok.bos_token_id
@@ -96,7 +97,7 @@ def load_tokenizer(path_or_data_dir: str) -> Tokenizer:
     """Load a sentencepiece ``.model``, an HF tokenizer dir, or the tokenizer of a prepared data dir."""
     path = os.fspath(path_or_data_dir)
     if not os.path.exists(path):
-        raise ValueError(f"tokenizer path {path} does not exist; pass a .model file, an HF tokenizer dir, "
+        raise DataError(f"tokenizer path {path} does not exist; pass a .model file, an HF tokenizer dir, "
                          "or a prepared data dir (run launch/prepare.py first)")
     if os.path.isdir(path):
         meta_path = os.path.join(path, "meta.json")
@@ -108,11 +109,11 @@ def load_tokenizer(path_or_data_dir: str) -> Tokenizer:
             return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
         if _is_hf_dir(path):
             return HFTokenizer(path)
-        raise ValueError(f"{path}: no meta.json, tokenizer.model or tokenizer.json/tokenizer_config.json inside; "
+        raise DataError(f"{path}: no meta.json, tokenizer.model or tokenizer.json/tokenizer_config.json inside; "
                          "point data.tokenizer at a tokenizer or run launch/prepare.py")
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)
-    raise ValueError(f"tokenizer path {path}: expected a sentencepiece .model file or an HF tokenizer directory")
+    raise DataError(f"tokenizer path {path}: expected a sentencepiece .model file or an HF tokenizer directory")
 
 
 def _is_hf_dir(path: str) -> bool:

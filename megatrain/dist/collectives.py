@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatrain.errors import UserError
 
 
 def _size(group) -> int:
@@ -33,7 +34,7 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if n == 1:
         return x
     if x.shape[dim] % n:
-        raise ValueError(f"cannot split dimension {dim} of size {x.shape[dim]} over {n} ranks; "
+        raise UserError(f"cannot split dimension {dim} of size {x.shape[dim]} over {n} ranks; "
                          "choose sizes divisible by the tensor-parallel degree")
     return x.chunk(n, dim=dim)[dist.get_rank(group=group)].contiguous()
 

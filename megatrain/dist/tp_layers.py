@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatrain.dist.collectives import copy_to_group, gather_for_group, reduce_from_group, reduce_scatter_to_group
+from megatrain.errors import UserError
 
 
 def _mark_sharded(p: nn.Parameter) -> nn.Parameter:
@@ -64,7 +65,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         n, r = dist.get_world_size(group), dist.get_rank(group)
         if weight.shape[0] % n:
-            raise ValueError(f"ColumnParallelLinear: {weight.shape[0]} output features not divisible by tp={n}")
+            raise UserError(f"ColumnParallelLinear: {weight.shape[0]} output features not divisible by tp={n}")
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _mark_sharded(nn.Parameter(weight.detach().chunk(n, 0)[r].clone()))  # (out/tp, in)
         self.bias = _mark_sharded(nn.Parameter(bias.detach().chunk(n, 0)[r].clone())) if bias is not None else None
@@ -96,7 +97,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         n, r = dist.get_world_size(group), dist.get_rank(group)
         if weight.shape[1] % n:
-            raise ValueError(f"RowParallelLinear: {weight.shape[1]} input features not divisible by tp={n}")
+            raise UserError(f"RowParallelLinear: {weight.shape[1]} input features not divisible by tp={n}")
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _mark_sharded(nn.Parameter(weight.detach().chunk(n, 1)[r].clone()))  # (out, in/tp)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None  # replicated, added once

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from megatrain.dist.env import is_main_process
 from megatrain.eval._io import write_json, write_text
 from megatrain.eval.metrics import classification_metrics, confusion_matrix
+from megatrain.errors import UserError
 
 
 def combine(probs: list[torch.Tensor], mode: str = "mean_prob") -> torch.Tensor:
@@ -27,7 +28,7 @@ def combine(probs: list[torch.Tensor], mode: str = "mean_prob") -> torch.Tensor:
     vote: votes per class, ties broken by the mean probability (added at weight < 1, so it never outvotes).
     """
     if not probs:
-        raise ValueError("eval.ensemble is empty; list at least one checkpoint")
+        raise UserError("eval.ensemble is empty; list at least one checkpoint")
     stack = torch.stack([p.double() for p in probs])  # (M, N, C)
     mean = stack.mean(0)  # (N, C)
     if mode == "mean_prob":
@@ -35,7 +36,7 @@ def combine(probs: list[torch.Tensor], mode: str = "mean_prob") -> torch.Tensor:
     if mode == "vote":
         votes = F.one_hot(stack.argmax(-1), stack.shape[-1]).sum(0).double()  # (N, C)
         return votes + 0.5 * mean
-    raise ValueError(f"eval.ensemble_mode={mode!r} is not mean_prob or vote")
+    raise UserError(f"eval.ensemble_mode={mode!r} is not mean_prob or vote")
 
 
 def score(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, *, proper: bool = True) -> dict[str, float]:
@@ -54,7 +55,7 @@ def score(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, *, proper
 def resolve_step_dir(path: str) -> str:
     """The step directory of a run dir, a checkpoints dir (its ``latest``), or a step dir itself."""
     if not os.path.exists(path):
-        raise ValueError(f"checkpoint {path}: no such path; give a run dir, its checkpoints dir or a step_XXXXXXXX dir")
+        raise UserError(f"checkpoint {path}: no such path; give a run dir, its checkpoints dir or a step_XXXXXXXX dir")
     for cand in (path, os.path.join(path, "checkpoints")):
         if any(os.path.isfile(os.path.join(cand, f)) for f in ("manifest.json", "megatrain.json")):
             return cand
@@ -62,7 +63,7 @@ def resolve_step_dir(path: str) -> str:
         if os.path.isfile(latest):
             with open(latest, encoding="utf-8") as f:
                 return os.path.join(cand, f.read().strip())
-    raise ValueError(f"checkpoint {path}: no checkpoint in it (no manifest.json or latest); did the run save one "
+    raise UserError(f"checkpoint {path}: no checkpoint in it (no manifest.json or latest); did the run save one "
                      "(checkpoint.save_final=true)?")
 
 
@@ -84,7 +85,7 @@ def load_member(path: str, *, shared=None):
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and getattr(model, "tied", False))]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match its model (missing {missing[:3]}, unexpected "
+        raise UserError(f"checkpoint {path} does not match its model (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); was it written by another megatrain version?")
     return cfg, task, model.eval()
 
@@ -102,7 +103,7 @@ def _read_checkpoint(step_dir: str):
             cfg = build_config(json.load(f)["config"])
         files = sorted(f for f in os.listdir(step_dir) if f.endswith("model_states.pt"))
         if not files:
-            raise ValueError(f"checkpoint {step_dir}: no model files; was it saved by megatrain?")
+            raise UserError(f"checkpoint {step_dir}: no model files; was it saved by megatrain?")
         state = torch.load(os.path.join(step_dir, files[0]), map_location="cpu", weights_only=False)["module"]
     return cfg, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
@@ -118,10 +119,10 @@ def train_members(cfg, *, train_fn=None, log: Callable[[str], None] = print) -> 
 
     n = cfg.eval.ensemble_members
     if cfg.eval.ensemble:
-        raise ValueError("eval.ensemble and eval.ensemble_members are both set; list existing checkpoints or train "
+        raise UserError("eval.ensemble and eval.ensemble_members are both set; list existing checkpoints or train "
                          "new members, not both")
     if n < 2:
-        raise ValueError(f"eval.ensemble_members={n}: an ensemble needs at least 2 members; use 0 to turn it off")
+        raise UserError(f"eval.ensemble_members={n}: an ensemble needs at least 2 members; use 0 to turn it off")
     params = [{"train.seed": cfg.train.seed + i} for i in range(n)]
     # members are ordinary runs: they keep their final checkpoint and do not recurse into ensembling
     fixed = {"checkpoint.save_final": True, "eval.ensemble_members": 0}
@@ -136,27 +137,27 @@ def run_ensemble(cfg, paths: list[str] | None = None, *, log: Callable[[str], No
     from megatrain.train.classification_task import ClassificationTask
 
     if cfg.model.task != "classification":
-        raise ValueError("eval.ensemble combines classifiers; set model.task=classification in the config")
+        raise UserError("eval.ensemble combines classifiers; set model.task=classification in the config")
     paths = list(cfg.eval.ensemble if paths is None else paths)
     base = ClassificationTask(cfg)
     val = base.val_dataset()
     if val is None:
-        raise ValueError("the validation split is empty; set data.val_fraction > 0 to score the ensemble")
+        raise UserError("the validation split is empty; set data.val_fraction > 0 to score the ensemble")
     val_idx = set(base.val_idx.tolist())
     base_labels = torch.from_numpy(base.pool.y[base.val_idx])
     rows, probs, labels = [], [], None
     for path in paths:
         mcfg, task, model = load_member(path, shared=(cfg.data, base.pool, cfg.model.arch))
         if not isinstance(task, ClassificationTask):
-            raise ValueError(f"eval.ensemble member {path} is a {mcfg.model.task} model; all members must classify")
+            raise UserError(f"eval.ensemble member {path} is a {mcfg.model.task} model; all members must classify")
         leaked = len(val_idx.intersection(task.train_idx.tolist()))
         if leaked:
-            raise ValueError(f"eval.ensemble member {path} trained on {leaked} of the validation samples; "
+            raise UserError(f"eval.ensemble member {path} trained on {leaked} of the validation samples; "
                              "train members with the same data split (data.val_fraction) as the evaluation config")
         # each member reads the samples its own way (pixels for a CNN, token rows for an RNN)
         p, y = task.predict_proba(model, task.dataset_for(base.val_idx))
         if not torch.equal(y, base_labels):
-            raise ValueError(f"eval.ensemble member {path} was trained on other data ({mcfg.data.dataset} at "
+            raise UserError(f"eval.ensemble member {path} was trained on other data ({mcfg.data.dataset} at "
                              f"{mcfg.data.path}); all members must share the evaluation config's data")
         labels = y
         probs.append(p)
@@ -199,7 +200,7 @@ def evaluate_checkpoint(cfg, path: str, *, log: Callable[[str], None] = print) -
     mcfg, task, model = load_member(path)
     val = task.val_dataset()
     if val is None:
-        raise ValueError(f"checkpoint {path}: its config has no validation split to evaluate on")
+        raise UserError(f"checkpoint {path}: its config has no validation split to evaluate on")
     out_dir = cfg.log.dir
     if isinstance(task, ClassificationTask):
         probs, labels = task.predict_proba(model, val)

@@ -19,6 +19,7 @@ import numpy as np
 
 from megatrain.dist.env import is_main_process
 from megatrain.eval._io import write_json, write_text
+from megatrain.errors import UserError
 
 
 def kfold_indices(labels_or_n: np.ndarray | int, k: int, *, stratified: bool = True,
@@ -30,18 +31,18 @@ def kfold_indices(labels_or_n: np.ndarray | int, k: int, *, stratified: bool = T
         labels = np.asarray(labels_or_n)
         n = len(labels)
     if k < 2:
-        raise ValueError(f"eval.kfold={k}: cross-validation needs at least 2 folds; use 0 to turn it off")
+        raise UserError(f"eval.kfold={k}: cross-validation needs at least 2 folds; use 0 to turn it off")
     if k > n:
-        raise ValueError(f"eval.kfold={k} exceeds the {n} samples; use at most {n} folds")
+        raise UserError(f"eval.kfold={k} exceeds the {n} samples; use at most {n} folds")
     rng = np.random.default_rng(seed)
     fold_of = np.empty(n, dtype=np.int64)
     if stratified:
         if labels is None:
-            raise ValueError("stratified folds need labels; pass the label array or set eval.stratified=false")
+            raise UserError("stratified folds need labels; pass the label array or set eval.stratified=false")
         classes, counts = np.unique(labels, return_counts=True)
         if counts.min() < k:
             c = classes[counts.argmin()]
-            raise ValueError(f"eval.kfold={k} but class {c} has only {counts.min()} samples; lower eval.kfold to "
+            raise UserError(f"eval.kfold={k} but class {c} has only {counts.min()} samples; lower eval.kfold to "
                              f"{counts.min()} or set eval.stratified=false")
         start = 0
         for c in classes:
@@ -100,7 +101,7 @@ def run_kfold(cfg, *, train_fn: TrainFn | None = None, pool_labels: np.ndarray |
     """
     k = cfg.eval.kfold
     if cfg.model.task != "classification":
-        raise ValueError("eval.kfold needs model.task=classification (folds are over labelled samples)")
+        raise UserError("eval.kfold needs model.task=classification (folds are over labelled samples)")
     if pool_labels is None:
         from megatrain.train.classification_task import pool_labels as _pool_labels
         pool_labels = _pool_labels(cfg)

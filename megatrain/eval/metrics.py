@@ -14,12 +14,13 @@ import math
 
 import torch
 import torch.distributed as dist
+from megatrain.errors import UserError
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(N,) predictions and labels -> (C, C) int64 counts; row = true class, column = predicted class."""
     if preds.shape != labels.shape:
-        raise ValueError(f"preds {tuple(preds.shape)} and labels {tuple(labels.shape)} differ in shape")
+        raise UserError(f"preds {tuple(preds.shape)} and labels {tuple(labels.shape)} differ in shape")
     idx = labels.long().reshape(-1) * num_classes + preds.long().reshape(-1)  # (N,)
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
@@ -29,7 +30,7 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
     cm = confusion.double()
     total = cm.sum()
     if total == 0:
-        raise ValueError("confusion matrix is empty; evaluate on at least one sample")
+        raise UserError("confusion matrix is empty; evaluate on at least one sample")
     tp = cm.diagonal()  # (C,)
     pred_pos = cm.sum(0)  # (C,) predicted as class c
     true_pos = cm.sum(1)  # (C,) truly class c
@@ -66,7 +67,7 @@ def per_class_metrics(confusion: torch.Tensor) -> dict[str, list[float]]:
 def mean_loss(loss_sum: float | torch.Tensor, count: float | torch.Tensor) -> float:
     count = float(count)
     if count <= 0:
-        raise ValueError("no items were evaluated (count=0); check the validation split is not empty")
+        raise UserError("no items were evaluated (count=0); check the validation split is not empty")
     return float(loss_sum) / count
 
 

@@ -27,6 +27,7 @@ from megatrain.config.loader import ConfigError, build_config
 from megatrain.config.schema import Config, Section
 from megatrain.dist.env import is_main_process
 from megatrain.eval._io import write_json, write_text
+from megatrain.errors import UserError
 
 
 def field_exists(dotted: str) -> bool:
@@ -43,45 +44,45 @@ def field_exists(dotted: str) -> bool:
 def parse_space(space: Any, *, method: str, source: str = "search.space") -> dict[str, Any]:
     """Validate a space mapping: {field: list of choices | {low, high, log?, int?}}."""
     if not isinstance(space, dict) or not space:
-        raise ValueError(f"{source}: must be a non-empty mapping of config fields to choices or ranges")
+        raise UserError(f"{source}: must be a non-empty mapping of config fields to choices or ranges")
     out: dict[str, Any] = {}
     for key, spec in space.items():
         if not isinstance(key, str) or "." not in key or not field_exists(key):
-            raise ValueError(f"{source}: unknown config field {key!r}; use a dotted field such as train.lr")
+            raise UserError(f"{source}: unknown config field {key!r}; use a dotted field such as train.lr")
         if key.split(".")[0] in ("log", "search"):
-            raise ValueError(f"{source}: {key} cannot be searched (log.dir and search.* are set per trial)")
+            raise UserError(f"{source}: {key} cannot be searched (log.dir and search.* are set per trial)")
         if isinstance(spec, list):
             if not spec:
-                raise ValueError(f"{source}: {key} has an empty list; give at least one value")
+                raise UserError(f"{source}: {key} has an empty list; give at least one value")
             out[key] = list(spec)
         elif isinstance(spec, dict):
             unknown = set(spec) - {"low", "high", "log", "int"}
             if unknown or not {"low", "high"} <= set(spec):
-                raise ValueError(f"{source}: {key} range must be {{low, high, log?, int?}} (got keys {sorted(spec)})")
+                raise UserError(f"{source}: {key} range must be {{low, high, log?, int?}} (got keys {sorted(spec)})")
             low, high = spec["low"], spec["high"]
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
-                raise ValueError(f"{source}: {key} low/high must be numbers (got {low!r}, {high!r})")
+                raise UserError(f"{source}: {key} low/high must be numbers (got {low!r}, {high!r})")
             if low > high:
-                raise ValueError(f"{source}: {key} has low={low} > high={high}; swap them")
+                raise UserError(f"{source}: {key} has low={low} > high={high}; swap them")
             if spec.get("log") and low <= 0:
-                raise ValueError(f"{source}: {key} log range needs low > 0 (got {low})")
+                raise UserError(f"{source}: {key} log range needs low > 0 (got {low})")
             if method == "grid":
-                raise ValueError(f"{source}: {key} is a range, which grid search cannot enumerate; "
+                raise UserError(f"{source}: {key} is a range, which grid search cannot enumerate; "
                                  "give a list of values or set search.method=random")
             out[key] = {"low": low, "high": high, "log": bool(spec.get("log", False)), "int": bool(spec.get("int", False))}
         else:
-            raise ValueError(f"{source}: {key} must be a list of values or a {{low, high}} range (got {spec!r})")
+            raise UserError(f"{source}: {key} must be a list of values or a {{low, high}} range (got {spec!r})")
     return out
 
 
 def load_space(path: str, *, method: str) -> dict[str, Any]:
     if not path or not os.path.isfile(path):
-        raise ValueError(f"search.space={path}: no such file; write a YAML mapping of config fields to choices")
+        raise UserError(f"search.space={path}: no such file; write a YAML mapping of config fields to choices")
     with open(path, encoding="utf-8") as f:
         try:
             space = yaml.safe_load(f)
         except yaml.YAMLError as err:
-            raise ValueError(f"search.space={path}: not valid YAML ({err.__class__.__name__})") from None
+            raise UserError(f"search.space={path}: not valid YAML ({err.__class__.__name__})") from None
     return parse_space(space, method=method, source=f"search.space={path}")
 
 
@@ -125,7 +126,7 @@ def trial_config(cfg: Config, params: dict[str, Any], trial_dir: str) -> Config:
     try:
         return build_config(tree, overrides)
     except ConfigError as err:
-        raise ValueError(f"search trial {params}: {err}") from None
+        raise UserError(f"search trial {params}: {err}") from None
 
 
 def metric_key(metrics: dict, name: str) -> str | None:
@@ -140,7 +141,7 @@ def rank_results(rows: list[dict], metric: str, mode: str) -> list[dict]:
     for r in rows:
         if metric_key(r["metrics"], metric) is None:
             have = sorted(k for k, v in r["metrics"].items() if isinstance(v, (int, float)))
-            raise ValueError(f"eval.metric={metric} is not reported by trial {r['trial']:03d}; choose one of {have}")
+            raise UserError(f"eval.metric={metric} is not reported by trial {r['trial']:03d}; choose one of {have}")
     return sorted(rows, key=lambda r: r["metrics"][metric_key(r["metrics"], metric)], reverse=(mode == "max"))
 
 
@@ -201,7 +202,7 @@ def run_trials(configs: list[Config], params: list[dict[str, Any]], *, train_fn:
             with open(result_path, encoding="utf-8") as f:
                 done = json.load(f)
             if done.get("params") != _jsonable(p):
-                raise ValueError(f"{result_path} holds a {name} with other parameters ({done.get('params')}); {hint} "
+                raise UserError(f"{result_path} holds a {name} with other parameters ({done.get('params')}); {hint} "
                                  "— use a new log.dir or delete the old runs")
             log(f"{name} {i:03d}: finished earlier, skipped")
             rows.append(done)

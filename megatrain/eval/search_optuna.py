@@ -18,6 +18,7 @@ from megatrain.config.schema import Config
 from megatrain.dist.env import is_main_process
 from megatrain.eval._io import write_json
 from megatrain.eval.search import TrainFn, _jsonable, metric_key, train_trial, trial_config
+from megatrain.errors import UserError
 
 # TPE needs some random trials before its density model means anything; Optuna's default is 10, which would
 # make a typical 6-12 trial CPU search purely random.
@@ -28,7 +29,7 @@ def _optuna():
     try:
         import optuna
     except ImportError:
-        raise ValueError("search.method=tpe needs Optuna: pip install optuna (or use search.method=random)") from None
+        raise UserError("search.method=tpe needs Optuna: pip install optuna (or use search.method=random)") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
@@ -72,7 +73,7 @@ def _objective(metrics: dict, metric: str) -> float | None:
     key = metric_key(metrics, metric)
     if key is None:
         have = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
-        raise ValueError(f"eval.metric={metric} is not reported by the trials; choose one of {have}")
+        raise UserError(f"eval.metric={metric} is not reported by the trials; choose one of {have}")
     value = float(metrics[key])
     return value if math.isfinite(value) else None  # a diverged trial teaches TPE nothing
 
@@ -103,12 +104,12 @@ def run_tpe_trials(cfg: Config, space: dict[str, Any], *, train_fn: TrainFn | No
             with open(result_path, encoding="utf-8") as f:
                 done = json.load(f)
             if set(done.get("params", {})) != set(space):
-                raise ValueError(f"{result_path} holds a trial over other fields ({sorted(done.get('params', {}))}); "
+                raise UserError(f"{result_path} holds a trial over other fields ({sorted(done.get('params', {}))}); "
                                  "the space changed — use a new log.dir or delete the old trials")
             try:
                 raw = to_raw(space, done["params"])
             except ValueError:
-                raise ValueError(f"{result_path}: its values {done['params']} are not choices of the current space; "
+                raise UserError(f"{result_path}: its values {done['params']} are not choices of the current space; "
                                  "use a new log.dir or delete the old trials") from None
             value = _objective(done["metrics"], cfg.eval.metric)
             state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL

@@ -17,6 +17,7 @@ import torch
 
 from megatrain.config.schema import ModelConfig
 from megatrain.interop.hf_maps import from_hf_map, hf_config_from_model, model_fields_from_hf, to_hf_state
+from megatrain.errors import CheckpointError
 
 SHARD_BYTES = 2 * 1024**3  # split exported weights into files of at most this size, like transformers
 
@@ -24,7 +25,7 @@ SHARD_BYTES = 2 * 1024**3  # split exported weights into files of at most this s
 def read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise ValueError(f"model.from_hf={path}: no config.json; pass a local Hugging Face model directory")
+        raise CheckpointError(f"model.from_hf={path}: no config.json; pass a local Hugging Face model directory")
     with open(cfg_path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -49,14 +50,14 @@ class HFSource:
         elif os.path.isfile(os.path.join(path, "model.safetensors")):
             weight_map = None
         else:
-            raise ValueError(f"model.from_hf={path}: no model.safetensors or model.safetensors.index.json "
+            raise CheckpointError(f"model.from_hf={path}: no model.safetensors or model.safetensors.index.json "
                              "(only safetensors weights are read; re-save with safe_serialization=True)")
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         self._files = {}
         for fname in files:
             fpath = os.path.join(path, fname)
             if not os.path.isfile(fpath):
-                raise ValueError(f"model.from_hf={path}: shard {fname} listed in the index is missing")
+                raise CheckpointError(f"model.from_hf={path}: shard {fname} listed in the index is missing")
             self._files[fname] = SafetensorsReader(fpath)
         self._where = weight_map or {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
         self._map = from_hf_map(model_cfg)
@@ -65,7 +66,7 @@ class HFSource:
         for candidate in (hf_name, hf_name.removeprefix("transformer."), hf_name.removeprefix("model.")):
             if candidate in self._where:  # GPT2Model/LlamaModel checkpoints lack the LM wrapper's prefix
                 return self._files[self._where[candidate]].read(candidate, rows=rows).float()
-        raise ValueError(f"model.from_hf={self.path}: tensor {hf_name!r} not found in the checkpoint")
+        raise CheckpointError(f"model.from_hf={self.path}: tensor {hf_name!r} not found in the checkpoint")
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
         """Rows of tensors HF stores as-is (Llama's, GPT-2's embeddings); None when a transform is needed."""
@@ -76,11 +77,11 @@ class HFSource:
 
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if name not in self._map:
-            raise ValueError(f"model.from_hf={self.path}: no Hugging Face tensor maps to {name!r}")
+            raise CheckpointError(f"model.from_hf={self.path}: no Hugging Face tensor maps to {name!r}")
         hf_name, fn = self._map[name]
         t = fn(self._hf(hf_name)).float()
         if shape is not None and tuple(t.shape) != tuple(shape):
-            raise ValueError(f"model.from_hf={self.path}: {hf_name} gives shape {tuple(t.shape)} for {name}, "
+            raise CheckpointError(f"model.from_hf={self.path}: {hf_name} gives shape {tuple(t.shape)} for {name}, "
                              f"expected {tuple(shape)}; the directory's config.json does not match its weights")
         return t
 

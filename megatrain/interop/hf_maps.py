@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from megatrain.config.schema import ModelConfig
+from megatrain.errors import CheckpointError
 
 Tensor = torch.Tensor
 
@@ -27,7 +28,7 @@ def model_fields_from_hf(hf: dict) -> dict:
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError("HF Llama config with attention_bias/mlp_bias=true is not supported by megatrain's llama")
+            raise CheckpointError("HF Llama config with attention_bias/mlp_bias=true is not supported by megatrain's llama")
         return dict(arch="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
                     num_layers=hf["num_hidden_layers"], num_heads=heads,
                     num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
@@ -35,13 +36,13 @@ def model_fields_from_hf(hf: dict) -> dict:
                     rope_theta=hf.get("rope_theta", 10000.0), rope_scaling=hf.get("rope_scaling"),
                     tie_embeddings=hf.get("tie_word_embeddings", False),
                     head_dim=head_dim if head_dim not in (None, hf["hidden_size"] // heads) else None)
-    raise ValueError(f"HF model_type={kind!r} is not supported; megatrain maps gpt2 and llama")
+    raise CheckpointError(f"HF model_type={kind!r} is not supported; megatrain maps gpt2 and llama")
 
 
 def hf_config_from_model(cfg: ModelConfig) -> dict:
     if cfg.arch == "gpt2":
         if cfg.attn_head_dim * cfg.num_heads != cfg.hidden_size:
-            raise ValueError(f"model.head_dim={cfg.head_dim}: Hugging Face GPT-2 needs num_heads*head_dim == hidden_size "
+            raise CheckpointError(f"model.head_dim={cfg.head_dim}: Hugging Face GPT-2 needs num_heads*head_dim == hidden_size "
                              "(heads were pruned); keep the megatrain checkpoint or prune MLP/depth only")
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
                     n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_size,
@@ -54,7 +55,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict:
                     max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
                     rope_scaling=cfg.rope_scaling, tie_word_embeddings=cfg.tied, hidden_act="silu",
                     attention_bias=False, mlp_bias=False, head_dim=cfg.attn_head_dim)
-    raise ValueError(f"model.arch={cfg.arch} has no Hugging Face equivalent; export supports gpt2 and llama")
+    raise CheckpointError(f"model.arch={cfg.arch} has no Hugging Face equivalent; export supports gpt2 and llama")
 
 
 def from_hf_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable[[Tensor], Tensor]]]:
@@ -101,7 +102,7 @@ def from_hf_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable[[Tensor], Ten
         if not cfg.tied:
             m["head.lm_head.weight"] = ("lm_head.weight", ident)
         return m
-    raise ValueError(f"model.arch={cfg.arch} has no Hugging Face weight map")
+    raise CheckpointError(f"model.arch={cfg.arch} has no Hugging Face weight map")
 
 
 def to_hf_state(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -130,7 +131,7 @@ def from_hf_state(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Te
     out = {}
     for ours, (theirs, fn) in from_hf_map(cfg).items():
         if theirs not in hf_state:
-            raise ValueError(f"Hugging Face checkpoint lacks tensor {theirs!r} (needed for {ours})")
+            raise CheckpointError(f"Hugging Face checkpoint lacks tensor {theirs!r} (needed for {ours})")
         out[ours] = fn(hf_state[theirs]).contiguous()
     if cfg.tied:
         out["head.lm_head.weight"] = out["embed.wte.weight"]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from megatrain.config.schema import ModelConfig
+from megatrain.errors import UserError
 
 # Inputs at least this large get the ImageNet stem when build_resnet is told the image size.
 IMAGENET_STEM_MIN_SIZE = 64
@@ -81,15 +82,15 @@ class ResNet(nn.Module):
                  dropout: float = 0.0, inner_widths: list[int] | None = None):
         super().__init__()
         if not widths:
-            raise ValueError("model.widths is empty; give one width per stage, e.g. [16, 32, 64]")
+            raise UserError("model.widths is empty; give one width per stage, e.g. [16, 32, 64]")
         if len(widths) != len(blocks_per_stage):
-            raise ValueError(f"model.widths has {len(widths)} stages but model.blocks_per_stage has "
+            raise UserError(f"model.widths has {len(widths)} stages but model.blocks_per_stage has "
                              f"{len(blocks_per_stage)}; give one block count per width")
         if any(w <= 0 for w in widths) or any(n <= 0 for n in blocks_per_stage):
-            raise ValueError(f"model.widths={widths} and model.blocks_per_stage={blocks_per_stage} must be positive")
+            raise UserError(f"model.widths={widths} and model.blocks_per_stage={blocks_per_stage} must be positive")
         inner_widths = list(inner_widths) if inner_widths is not None else list(widths)
         if len(inner_widths) != len(widths) or any(w <= 0 for w in inner_widths):
-            raise ValueError(f"model.inner_widths={inner_widths} needs one positive width per stage of {widths}")
+            raise UserError(f"model.inner_widths={inner_widths} needs one positive width per stage of {widths}")
         block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[block]
         stem_ch = widths[0]
         if stem == "small":
@@ -100,7 +101,7 @@ class ResNet(nn.Module):
                                       nn.BatchNorm2d(stem_ch), nn.ReLU(inplace=True),
                                       nn.MaxPool2d(3, stride=2, padding=1))
         else:
-            raise ValueError(f"stem={stem!r} is not one of small, imagenet")
+            raise UserError(f"stem={stem!r} is not one of small, imagenet")
         stages, ch = [], stem_ch
         for i, (width, inner, num_blocks) in enumerate(zip(widths, inner_widths, blocks_per_stage)):
             blocks = []
@@ -148,7 +149,7 @@ def build_resnet(model_cfg: ModelConfig, *, seed: int | None = None, image_size:
     """ResNet from the config; ``stem='auto'`` picks the ImageNet stem for images ≥ 64 px when the size is given.
     ``seed=None`` draws the init from the global RNG (seed it first); an int uses a private stream."""
     if model_cfg.arch != "resnet":
-        raise ValueError(f"model.arch={model_cfg.arch} is not a CNN; use arch: resnet")
+        raise UserError(f"model.arch={model_cfg.arch} is not a CNN; use arch: resnet")
     if stem == "auto":
         stem = "imagenet" if (image_size or 0) >= IMAGENET_STEM_MIN_SIZE else "small"
     if seed is not None:  # a private stream: building never shifts the caller's RNG

@@ -13,15 +13,16 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from megatrain.config.schema import ModelConfig
+from megatrain.errors import UserError
 
 _RNN = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
 def _check(model_cfg: ModelConfig, vocab_size: int) -> None:
     if model_cfg.arch not in _RNN:
-        raise ValueError(f"model.arch={model_cfg.arch} is not an RNN; use arch: lstm or gru")
+        raise UserError(f"model.arch={model_cfg.arch} is not an RNN; use arch: lstm or gru")
     if vocab_size <= 0:
-        raise ValueError("model.vocab_size is 0; set it or prepare data first so it is read from the tokenizer")
+        raise UserError("model.vocab_size is 0; set it or prepare data first so it is read from the tokenizer")
 
 
 def _make_rnn(model_cfg: ModelConfig, *, bidirectional: bool) -> nn.RNNBase:
@@ -50,7 +51,7 @@ class RNNLanguageModel(nn.Module):
         super().__init__()
         _check(model_cfg, vocab_size)
         if model_cfg.bidirectional:
-            raise ValueError("model.bidirectional=true with task language_modeling would see future tokens; "
+            raise UserError("model.bidirectional=true with task language_modeling would see future tokens; "
                              "set bidirectional: false (it is for classification)")
         self.embed = nn.Embedding(vocab_size, model_cfg.hidden_size)
         self.drop = nn.Dropout(model_cfg.dropout)

@@ -18,6 +18,7 @@ from torch import nn
 
 from megatrain import ops
 from megatrain.config.schema import ModelConfig
+from megatrain.errors import UserError
 
 
 class Norm(nn.Module):
@@ -124,7 +125,7 @@ class Embedding(nn.Module):
         if self.wpe is not None:
             t = h.shape[1]
             if t > self.wpe.num_embeddings:
-                raise ValueError(f"sequence length {t} exceeds model.max_seq_len="
+                raise UserError(f"sequence length {t} exceeds model.max_seq_len="
                                  f"{self.wpe.num_embeddings}; shorten inputs or raise max_seq_len")
             h = h + self.wpe(torch.arange(t, device=h.device))
         return self.dropout(h)
@@ -146,9 +147,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if not cfg.is_transformer:
-            raise ValueError(f"model.arch={cfg.arch} is not a Transformer; use gpt2 or llama")
+            raise UserError(f"model.arch={cfg.arch} is not a Transformer; use gpt2 or llama")
         if cfg.vocab_size <= 0:
-            raise ValueError("model.vocab_size is 0; set it or prepare data first so it is read from the tokenizer")
+            raise UserError("model.vocab_size is 0; set it or prepare data first so it is read from the tokenizer")
         self.cfg = cfg
         self.embed = Embedding(cfg)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))

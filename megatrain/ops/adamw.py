@@ -9,6 +9,7 @@ import torch
 
 from megatrain.ops import extensions
 from megatrain.ops.dispatch import current_config
+from megatrain.errors import UserError
 
 
 class _AdamWBase(torch.optim.Optimizer):
@@ -17,7 +18,7 @@ class _AdamWBase(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"AdamW: invalid lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+            raise UserError(f"AdamW: invalid lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _buckets(self, group) -> dict[tuple, list[tuple[torch.Tensor, ...]]]:
@@ -27,7 +28,7 @@ class _AdamWBase(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise ValueError(f"{type(self).__name__} does not take sparse gradients; use torch.optim.SparseAdam")
+                raise UserError(f"{type(self).__name__} does not take sparse gradients; use torch.optim.SparseAdam")
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)  # same as torch.optim.AdamW (float32 CPU scalar)
@@ -93,17 +94,17 @@ class CPUAdamW(_AdamWBase):
 
     def set_bf16_copy(self, param: torch.Tensor, copy: torch.Tensor) -> None:
         if copy.dtype != torch.bfloat16 or copy.shape != param.shape or not copy.is_contiguous():
-            raise ValueError(f"bf16 copy must be a contiguous bfloat16 tensor of shape {tuple(param.shape)}")
+            raise UserError(f"bf16 copy must be a contiguous bfloat16 tensor of shape {tuple(param.shape)}")
         self._bf16[param] = copy
 
     def _update(self, group, step: int, dtype: torch.dtype, items) -> None:
         beta1, beta2 = group["betas"]
         if dtype != torch.float32 or items[0][0].device.type != "cpu":
-            raise ValueError(f"CPUAdamW takes fp32 CPU params (got {dtype} on {items[0][0].device}); "
+            raise UserError(f"CPUAdamW takes fp32 CPU params (got {dtype} on {items[0][0].device}); "
                              "keep fp32 master weights on CPU or use torch.optim.AdamW")
         params = [p for p, *_ in items]
         if not all(p.is_contiguous() for p in params):
-            raise ValueError("CPUAdamW needs contiguous params (ZeRO's flat partitions are); "
+            raise UserError("CPUAdamW needs contiguous params (ZeRO's flat partitions are); "
                              "call .contiguous() on the model's params")
         grads = [g.float().contiguous() for _, g, _, _ in items]  # no copy when already fp32 contiguous
         copies = [self._bf16.get(p) for p in params]
@@ -181,7 +182,7 @@ def make_adamw(param_groups, *, lr: float, betas: tuple[float, float], eps: floa
             if extensions.load("cpu_adam"):
                 return CPUAdamW(param_groups, **kw)
             if backend == "cuda":
-                raise ValueError(f"model.kernel_overrides.adamw=cuda but the C++ CPU AdamW is unavailable "
+                raise UserError(f"model.kernel_overrides.adamw=cuda but the C++ CPU AdamW is unavailable "
                                  f"({extensions._status('cpu_adam').detail}); use auto or torch")
         return torch.optim.AdamW(param_groups, **kw)
     if backend == "cuda":

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from megatrain.ops.dispatch import backend_for, provider, register
+from megatrain.errors import UserError
 
 _TRITON_ATTENTION = "megatrain.triton_kernels.flash_attention"
 register("attention", "triton", _TRITON_ATTENTION)
@@ -25,7 +26,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
     if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
+        raise UserError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
     backend = backend_for("attention", q.device)
     if backend == "triton":
         kernel = importlib.import_module(_TRITON_ATTENTION)

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatrain.ops.dispatch import backend_for, provider, register
+from megatrain.errors import UserError
 
 register("cross_entropy", "triton", "megatrain.triton_kernels.cross_entropy")
 _TRITON_FUSED_LINEAR_CE = "megatrain.triton_kernels.fused_linear_cross_entropy"
@@ -53,7 +54,7 @@ def fused_linear_cross_entropy(
 
     reduction is mean or sum (the fused path has no per-token loss)."""
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"fused_linear_cross_entropy: reduction={reduction!r}; use mean or sum")
+        raise UserError(f"fused_linear_cross_entropy: reduction={reduction!r}; use mean or sum")
     if backend_for("cross_entropy", hidden.device) == "triton":
         return importlib.import_module(_TRITON_FUSED_LINEAR_CE).fused_linear_cross_entropy(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
@@ -117,7 +118,7 @@ def vocab_parallel_cross_entropy_reference(
         return loss.sum()
     if reduction == "mean":
         return loss.sum() / (labels != ignore_index).sum()
-    raise ValueError(f"vocab_parallel_cross_entropy: reduction={reduction!r}; use mean, sum or none")
+    raise UserError(f"vocab_parallel_cross_entropy: reduction={reduction!r}; use mean, sum or none")
 
 
 def vocab_parallel_cross_entropy(

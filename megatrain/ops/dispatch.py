@@ -6,6 +6,7 @@ import importlib
 from dataclasses import dataclass, field
 
 import torch
+from megatrain.errors import UserError
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 OPS = ("attention", "layer_norm", "rms_norm", "cross_entropy", "swiglu", "rope", "adamw")
@@ -33,10 +34,10 @@ def configure(default: str = "auto", overrides: dict[str, str] | None = None) ->
     overrides = dict(overrides or {})
     for name, value in [("model.kernels", default)] + [(f"model.kernel_overrides.{k}", v) for k, v in overrides.items()]:
         if value not in BACKENDS:
-            raise ValueError(f"{name}={value!r} is not a backend; use one of {', '.join(BACKENDS)}")
+            raise UserError(f"{name}={value!r} is not a backend; use one of {', '.join(BACKENDS)}")
     for op in overrides:
         if op not in OPS:
-            raise ValueError(f"model.kernel_overrides has unknown op {op!r}; known ops: {', '.join(OPS)}")
+            raise UserError(f"model.kernel_overrides has unknown op {op!r}; known ops: {', '.join(OPS)}")
     _CONFIG.default = default
     _CONFIG.overrides = overrides
 
@@ -78,7 +79,7 @@ def backend_for(op: str, device: torch.device | str = "cpu") -> str:
     if wanted == "auto":
         return available[0]
     if wanted not in available:
-        raise ValueError(
+        raise UserError(
             f"model.kernels: backend {wanted!r} for op {op!r} is not available on {torch.device(device)} "
             f"(available: {', '.join(available)}); use model.kernels=auto or torch"
         )

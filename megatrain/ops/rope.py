@@ -6,6 +6,7 @@ import math
 import torch
 
 from megatrain.ops.dispatch import backend_for, provider, register
+from megatrain.errors import UserError
 
 register("rope", "triton", "megatrain.triton_kernels.rope")
 
@@ -42,7 +43,7 @@ def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tenso
         mid = (1 - smooth) * scaled / factor + smooth * scaled
         is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(is_mid, mid, scaled)
-    raise ValueError(f"model.rope_scaling: type {kind!r} is not supported; use linear or llama3")
+    raise UserError(f"model.rope_scaling: type {kind!r} is not supported; use linear or llama3")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

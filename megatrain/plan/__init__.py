@@ -12,6 +12,7 @@ import os
 
 from megatrain.config.schema import Config
 from megatrain.plan.memory import GIB, StageMemory, plan_memory
+from megatrain.errors import UserError
 
 __all__ = ["GIB", "StageMemory", "plan_memory", "check_fits", "propose", "with_vocab", "planned_world_size"]
 
@@ -28,7 +29,7 @@ def with_vocab(cfg: Config) -> Config:
     try:
         vocab = read_vocab_size(cfg.data.path)
     except (OSError, ValueError, KeyError):
-        raise ValueError(f"model.vocab_size is 0 and data.path={cfg.data.path} has no prepared data to read it from; "
+        raise UserError(f"model.vocab_size is 0 and data.path={cfg.data.path} has no prepared data to read it from; "
                          "set --model.vocab_size or run launch/prepare.py first") from None
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": vocab})})
 
@@ -59,7 +60,7 @@ def check_fits(cfg: Config, *, world_size: int, rows: list[StageMemory] | None =
     hint = (f"; a layout that fits: {_layout_args(fits[0][0])} (peak {_gib(fits[0][1])} GiB)" if fits else
             "; no tp/pp/ZeRO/checkpointing layout of this world size fits: add GPUs or shrink "
             "train.micro_batch_size / data.seq_len")
-    raise ValueError(f"plan.gpu_memory_gib={budget:g}: predicted peak {_gib(worst.peak)} GiB on pipeline stage "
+    raise UserError(f"plan.gpu_memory_gib={budget:g}: predicted peak {_gib(worst.peak)} GiB on pipeline stage "
                      f"{worst.stage} (weights {_gib(worst.weights)}, optimizer {_gib(worst.master + worst.adam)}, grads "
                      f"{_gib(worst.grads)}, buckets {_gib(worst.bucket + worst.gathered)}, activations "
                      f"{_gib(worst.activations)}, reserved {_gib(worst.reserved)}){hint}")

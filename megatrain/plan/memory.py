@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from megatrain.config.schema import Config
+from megatrain.errors import UserError
 
 GIB = 2**30
 REDUCE_BUCKET_DEFAULT = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size
@@ -59,9 +60,9 @@ def plan_memory(cfg: Config, *, world_size: int) -> list[StageMemory]:
     from megatrain.plan.params import stage_params
     m, par, t = cfg.model, cfg.parallel, cfg.train
     if not m.is_transformer:
-        raise ValueError(f"model.arch={m.arch}: the memory planner models Transformers (gpt2, llama)")
+        raise UserError(f"model.arch={m.arch}: the memory planner models Transformers (gpt2, llama)")
     if m.vocab_size <= 0:
-        raise ValueError("model.vocab_size is 0: set it, or plan after `launch/prepare.py` (it is read from the data)")
+        raise UserError("model.vocab_size is 0: set it, or plan after `launch/prepare.py` (it is read from the data)")
     lay = resolve_layout(cfg, world_size)
     z, dp = par.zero_stage, lay.dp
     w = 4 if t.precision == "fp32" else 2

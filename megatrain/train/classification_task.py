@@ -20,13 +20,14 @@ from megatrain.config.schema import Config
 from megatrain.data import images as img
 from megatrain.data.augment import PRESETS, augment_batch
 from megatrain.eval.metrics import classification_metrics, confusion_matrix, mean_loss
+from megatrain.errors import UserError
 
 def _is_image(cfg: Config) -> bool:
     if cfg.model.arch == "resnet":
         return True
     if cfg.model.arch in ("lstm", "gru"):
         return False
-    raise ValueError(f"model.arch={cfg.model.arch} has no classification head; use resnet, lstm or gru")
+    raise UserError(f"model.arch={cfg.model.arch} has no classification head; use resnet, lstm or gru")
 
 
 def load_pool(cfg: Config):
@@ -47,30 +48,30 @@ class ClassificationTask:
         self.cfg = cfg
         self.is_image = _is_image(cfg)
         if cfg.model.task != "classification":
-            raise ValueError(f"ClassificationTask needs model.task=classification (got {cfg.model.task})")
+            raise UserError(f"ClassificationTask needs model.task=classification (got {cfg.model.task})")
         self.pool = pool if pool is not None else load_pool(cfg)
         labels = self.pool.y
         num_classes = int(labels.max()) + 1 if len(labels) else 0
         if num_classes > cfg.model.num_classes:
-            raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data has labels up to "
+            raise UserError(f"model.num_classes={cfg.model.num_classes} but the data has labels up to "
                              f"{num_classes - 1}; set model.num_classes={num_classes}")
         self.num_classes = cfg.model.num_classes
         if split is None:
             split = img.stratified_split(labels, cfg.data.val_fraction, seed=cfg.data.split_seed)
         self.train_idx, self.val_idx = (np.asarray(s, dtype=np.int64) for s in split)
         if len(self.train_idx) == 0:
-            raise ValueError("the training split is empty; lower data.val_fraction")
+            raise UserError("the training split is empty; lower data.val_fraction")
         if self.is_image:
             mean, std = img.channel_stats(self.pool.x[self.train_idx])
             self.mean, self.std = torch.from_numpy(mean), torch.from_numpy(std)
             self.augment = PRESETS[cfg.data.dataset] if cfg.data.augment else None
         else:
             if cfg.data.augment:
-                raise ValueError("data.augment=true is for images; token-sequence classification has no augmentation")
+                raise UserError("data.augment=true is for images; token-sequence classification has no augmentation")
             if cfg.model.vocab_size == 0:
                 cfg.model.vocab_size = self.pool.vocab_size
             elif cfg.model.vocab_size < self.pool.vocab_size:
-                raise ValueError(f"model.vocab_size={cfg.model.vocab_size} but the data has token ids up to "
+                raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the data has token ids up to "
                                  f"{self.pool.vocab_size - 1}; set model.vocab_size={self.pool.vocab_size} or 0")
             self.augment = None
         self._epoch: int | None = None

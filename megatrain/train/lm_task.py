@@ -8,6 +8,7 @@ from torch import nn
 
 from megatrain import ops
 from megatrain.config.schema import Config
+from megatrain.errors import UserError
 
 
 def read_vocab_size(data_path: str) -> int:
@@ -52,7 +53,7 @@ class LanguageModelingTask:
         from megatrain.data.prepare import read_meta
         meta = read_meta(data_path)
         if meta["vocab_size"] != self.cfg.model.vocab_size:
-            raise ValueError(f"eval.old_data={data_path} has vocab_size={meta['vocab_size']}, the model "
+            raise UserError(f"eval.old_data={data_path} has vocab_size={meta['vocab_size']}, the model "
                              f"{self.cfg.model.vocab_size}; prepare it with the same tokenizer (data.tokenizer)")
         return PackedTokenDataset(data_path, "val", self.cfg.seq_len)
 

@@ -24,6 +24,7 @@ from megatrain.fsutil import atomic_write_text
 from megatrain.train.logging import RunLogger
 from megatrain.train.regularization import param_groups, penalty
 from megatrain.train.schedules import lr_multiplier
+from megatrain.errors import UserError
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -67,14 +68,14 @@ class Trainer:
         self.device = current_device()
         self._check_precision()
         if (cfg.train.l1 or cfg.train.l2) and cfg.parallel.zero_stage == 3:
-            raise ValueError("train.l1/l2 penalties need whole parameters; with parallel.zero_stage=3 use "
+            raise UserError("train.l1/l2 penalties need whole parameters; with parallel.zero_stage=3 use "
                              "train.weight_decay instead, or zero_stage<=2")
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
         self.resume = self._open_resume()
 
         from megatrain.parallelize import parallelize
         if (cfg.train.l1 or cfg.train.l2) and self.layout.pp > 1:
-            raise ValueError("train.l1/l2 penalties are not supported with parallel.pp>1 (the loss is computed "
+            raise UserError("train.l1/l2 penalties are not supported with parallel.pp>1 (the loss is computed "
                              "inside the pipeline); use train.weight_decay")
         self.pipelined = self.layout.pp > 1
         model = parallelize(task.build_model(), cfg, self.dims, loss_fn=self._pipeline_loss,
@@ -95,7 +96,7 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------------
     def _check_precision(self) -> None:
         if self.device.type == "cpu" and self.cfg.train.precision == "fp16":
-            raise ValueError("train.precision=fp16 is not supported on CPU (no fp16 kernels); use bf16 or fp32")
+            raise UserError("train.precision=fp16 is not supported on CPU (no fp16 kernels); use bf16 or fp32")
 
     def _deepspeed(self, model, mpu):
         import deepspeed
@@ -120,7 +121,7 @@ class Trainer:
         if not old:
             return None
         if not hasattr(self.task, "validation_for"):
-            raise ValueError(f"eval.old_data is supported for language modelling; model.task={self.cfg.model.task}")
+            raise UserError(f"eval.old_data is supported for language modelling; model.task={self.cfg.model.task}")
         return self.task.validation_for(old)
 
     def _open_resume(self):
@@ -152,7 +153,7 @@ class Trainer:
         self.step = 0 if cfg.reset_schedule else int(manifest["step"])
         gbs = manifest.get("layout", {}).get("global_batch_size", self.layout.global_batch_size)
         if not cfg.reset_schedule and gbs != self.layout.global_batch_size:
-            raise ValueError(f"checkpoint was trained with train.global_batch_size={gbs}; resuming with "
+            raise UserError(f"checkpoint was trained with train.global_batch_size={gbs}; resuming with "
                              f"{self.layout.global_batch_size} would move the data position. Keep it, or set "
                              "checkpoint.reset_schedule=true to start a new schedule (continual training)")
         # Recompute the LR from *this* run's schedule (max_steps may have grown): the restored optimizer
@@ -382,8 +383,8 @@ def init_source(model_cfg):
     path = model_cfg.init_from
     try:
         saved, state = load_model_state(path)
-    except ValueError as err:  # name the field the path came from
-        raise ValueError(f"model.init_from={path}: {str(err).removeprefix(f'{path}: ')}") from None
+    except UserError as err:  # name the field the path came from
+        raise UserError(f"model.init_from={path}: {str(err).removeprefix(f'{path}: ')}") from None
     # compare what the fields mean (num_kv_heads None = num_heads, ...), not how they were written
     derived = {"num_kv_heads": "kv_heads", "head_dim": "attn_head_dim", "tie_embeddings": "tied",
                "ffn_hidden_size": "ffn_size", "inner_widths": "stage_inner_widths", "rnn_hidden_size": "rnn_width"}
@@ -392,7 +393,7 @@ def init_source(model_cfg):
         if getattr(saved, key) != getattr(model_cfg, key):
             value = getattr(saved, key)
             arg = str(value).replace(" ", "") if not isinstance(value, bool) else str(value).lower()
-            raise ValueError(f"model.init_from={path} holds a model with model.{field}={value!r} but the config has "
+            raise UserError(f"model.init_from={path} holds a model with model.{field}={value!r} but the config has "
                              f"{getattr(model_cfg, key)!r}; pass --model.{field}={arg} (the saved config.yaml "
                              "lists all sizes)")
     return StateSource(state, f"model.init_from={path}")
