@@ -91,8 +91,8 @@ def _peak_rss_mb() -> float:
 def _rank_load(hf_dir: str) -> None:
     """One rank: build the model on meta, shard tp×pp, materialise this rank's tensors from HF; report RSS."""
     from megatrain.config import build_config
-    from megatrain.dist.dims import build_parallel_dims
-    from megatrain.dist.env import init_distributed
+    from megatrain.distributed.dims import build_parallel_dims
+    from megatrain.distributed.env import init_distributed
     from megatrain.interop.hf import HFSource, model_config_from_hf
     from megatrain.models.transformer import build_transformer
     from megatrain.parallelize import parallelize

@@ -59,10 +59,10 @@ def main():
                      f"`python launch/prune.py --config {args.config}` first")
 
     from megatrain.compress.distill import DistillationTask
-    from megatrain.compress.io import load_model
+    from megatrain.weights.sources import load_model
     from megatrain.compress.passes import with_fields
     from megatrain.compress.teacher_cache import tensor_crc, write_manifest, write_teacher_cache
-    from megatrain.dist.env import init_distributed
+    from megatrain.distributed.env import init_distributed
     from megatrain.train.lm_task import LanguageModelingTask
     from megatrain.train.trainer import Trainer
 

@@ -19,7 +19,7 @@ from megatrain.cli_args import fail, parse  # noqa: E402
 
 def main(argv=None):
     cfg, _, local_rank = parse(argv, description=__doc__)
-    from megatrain.dist.env import is_main_process, shutdown_distributed
+    from megatrain.distributed.env import is_main_process, shutdown_distributed
     from megatrain.eval.plots import plot_curves
 
     log = print if is_main_process() else (lambda s: None)

@@ -1,30 +1,12 @@
-"""Command-line parsing shared by every launch/ script: ``--config FILE`` plus ``--section.key=value``.
-
-The deepspeed launcher appends ``--local_rank=N``; it is accepted and consumed here."""
+"""What every launch/ script shares: parsing (``--config FILE`` plus ``--section.key=value``, in
+megatrain.config.cli), the one-line exit for user errors, and the bootstrap → Trainer → shutdown sequence."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 from megatrain.errors import UserError
-from megatrain.config import Config, ConfigError, load_config
-
-
-def parse(argv: list[str] | None = None, *, description: str, extra: list[tuple[str, dict]] = ()):
-    """Returns (config, namespace of the extra flags, local_rank or None)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     epilog="Any config field can be overridden: --train.lr=1e-3 --parallel.tp=2")
-    parser.add_argument("--config", help="YAML recipe (recipes/*.yaml)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    for flag, kwargs in extra:
-        parser.add_argument(flag, **kwargs)
-    args, rest = parser.parse_known_args(argv)
-    try:
-        cfg: Config = load_config(args.config, rest)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return cfg, args, args.local_rank
+from megatrain.config import Config
+from megatrain.config.cli import parse  # noqa: F401 (the launchers import it from here)
 
 
 def fail(err: Exception) -> None:
@@ -44,7 +26,7 @@ def run_pass(argv: list[str] | None, description: str, target: str):
         result = getattr(importlib.import_module(module), name)(cfg, local_rank=local_rank)
     except UserError as err:
         fail(err)
-    from megatrain.dist.env import shutdown_distributed
+    from megatrain.distributed.env import shutdown_distributed
     shutdown_distributed()
     return result
 
@@ -52,12 +34,15 @@ def run_pass(argv: list[str] | None, description: str, target: str):
 def run_training(cfg: Config, local_rank: int | None):
     """Build the Trainer (a bad config, layout or checkpoint is one line and exit 2) and run it; errors during
     training keep their traceback."""
+    from megatrain.distributed.bootstrap import bootstrap
+    from megatrain.plan import memory_preflight
     from megatrain.train.trainer import Trainer
     try:
-        trainer = Trainer(cfg, local_rank=local_rank)
+        launch = bootstrap(cfg, local_rank, preflight=memory_preflight)
+        trainer = Trainer(cfg, local_rank=local_rank, launch=launch)
     except UserError as err:
         fail(err)
     result = trainer.run()
-    from megatrain.dist.env import shutdown_distributed
+    from megatrain.distributed.env import shutdown_distributed
     shutdown_distributed()
     return result

@@ -2,14 +2,10 @@
 (tp, pp, dp, ZeRO) layout. See store.py for the format and layout_free.py for save/resume."""
 from megatrain.checkpoint.store import CheckpointError, resolve_resume
 
-__all__ = ["CheckpointError", "build_model_from_checkpoint", "load_model_state", "resolve_resume"]
+__all__ = ["CheckpointError", "load_model_state", "resolve_resume"]
 
 
 def load_model_state(path: str):
     from megatrain.checkpoint.layout_free import load_model_state as _load
     return _load(path)
 
-
-def build_model_from_checkpoint(path: str):
-    from megatrain.checkpoint.layout_free import build_model_from_checkpoint as _build
-    return _build(path)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatrain.checkpoint.shards import gather_logical, local_shape, shard_of
+from megatrain.parallelize.param_spec import spec_of
+from megatrain.parallelize.shards import gather_logical, local_shape, shard_of
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -25,7 +26,7 @@ def local_parameters(module: nn.Module) -> list[nn.Parameter]:
     ranks of a stage, so collectives inside the loops line up)."""
     seen, out = set(), []
     for p in module.parameters():
-        if id(p) not in seen and hasattr(p, "logical_name"):
+        if id(p) not in seen and spec_of(p) is not None:
             seen.add(id(p))
             out.append(p)
     return out
@@ -99,7 +100,7 @@ def load_optimizer_state(engine, dims, source, *, step: int) -> None:
     _ensure_optimizer_state(engine, step)
     inner = inner_optimizer(engine)
     for p in local_parameters(engine.module):
-        name = p.logical_name
+        name = spec_of(p).logical_name
         master = shard_of(source.model.tensor(name).float(), p, tp_rank, tp).reshape(local_shape(p))
         safe_set_full_fp32_param(p, master.to(p.device))  # exact fp32 master under bf16/fp16 (no-op at ZeRO-0)
         for key in MOMENTS:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatrain.parallelize.param_spec import spec_of
 from megatrain.checkpoint.engine_state import gather_state, optimizer_step_count
 from megatrain.checkpoint.store import (FORMAT, CheckpointError, CheckpointSource, atomic_write_text, commit,
                                         read_manifest, tag_for, verify_file, write_tensors)
@@ -50,12 +51,13 @@ def save_checkpoint(engine, dims, ckpt_dir: str, step: int, state: dict, *, keep
     model, optim = {}, {}
     for p, value, moments in gather_state(engine, dims, with_optimizer=with_optimizer):
         # the tied token table lives on the first and last stage; the first stage writes it
-        if writer and not (stage > 0 and getattr(p, "pipeline_tied", False)):
-            model[p.logical_name] = value
-            optim.update({f"{p.logical_name}.{k}": v for k, v in moments.items()})
+        spec = spec_of(p)
+        if writer and not (stage > 0 and spec.pipeline_tied):
+            model[spec.logical_name] = value
+            optim.update({f"{spec.logical_name}.{k}": v for k, v in moments.items()})
     for name, buf in engine.module.named_buffers():
-        if writer and hasattr(buf, "logical_name"):
-            model[buf.logical_name] = buf.detach().cpu()
+        if writer and spec_of(buf) is not None:
+            model[spec_of(buf).logical_name] = buf.detach().cpu()
     if writer:
         files = {f"model-s{stage}.safetensors": write_tensors(os.path.join(tmp, f"model-s{stage}.safetensors"), model)}
         if optim:
@@ -122,22 +124,3 @@ def load_model_state(path: str):
             verify_file(os.path.join(step_dir, fname), entry)
     src = CheckpointSource(step_dir, manifest, prefix="model")
     return build_config(manifest["config"]), {name: src.tensor(name) for name in src.where}
-
-
-def build_model_from_checkpoint(path: str) -> tuple[object, torch.nn.Module]:
-    """(Config, plain unsharded model with the checkpoint's weights) — evaluation, export, pruning."""
-    cfg, state = load_model_state(path)
-    from megatrain.train.tasks import make_task
-    model = make_task(cfg).build_model()
-    if any(p.is_meta for p in model.parameters()):
-        model = model.to_empty(device="cpu")
-    if cfg.model.is_transformer and cfg.model.tied:
-        state.setdefault("head.lm_head.weight", state["embed.wte.weight"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("rotary.inv_freq")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]})")
-    if cfg.model.is_transformer and cfg.model.tied:
-        model.head.lm_head.weight = model.embed.wte.weight
-    return cfg, model

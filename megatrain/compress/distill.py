@@ -57,7 +57,7 @@ class DistillationTask:
             if not self.d.teacher:
                 raise UserError("distill.teacher is not set; point it at a megatrain checkpoint, a pruned model "
                                  "dir or a local Hugging Face dir (or set distill.teacher_cache)")
-            from megatrain.compress.io import load_model
+            from megatrain.weights.sources import load_model
             teacher = load_model(self.d.teacher)
         self.teacher, self.teacher_cfg = teacher
         if self.teacher_cfg.vocab_size != cfg.model.vocab_size:
@@ -112,7 +112,7 @@ class DistillationTask:
         if self._student is not None:
             model = self._student
         elif self.d.student:
-            from megatrain.compress.io import load_model
+            from megatrain.weights.sources import load_model
             model, student_cfg = load_model(self.d.student)
             if student_cfg != self.cfg.model:
                 raise UserError(f"distill.student={self.d.student} has a different model section than the config; "
@@ -211,7 +211,7 @@ def _zero3_inference(teacher: nn.Module, dims, *, bf16: bool) -> nn.Module:
     same number of teacher forwards, which training (one per micro-batch) and Trainer.evaluate guarantee."""
     import deepspeed
 
-    from megatrain.dist.dims import DeepSpeedMPU
+    from megatrain.distributed.dims import DeepSpeedMPU
     config = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**9, "zero_optimization": {"stage": 3},
               "bf16": {"enabled": bf16}}
     engine = deepspeed.initialize(model=teacher, config=config, mpu=DeepSpeedMPU(dims))[0]

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatrain.dist.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatrain.parallelize.param_spec import logical_name
+from megatrain.distributed.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 
 def _gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -47,7 +48,7 @@ def engine_state_dict(engine, dims) -> dict[str, torch.Tensor]:
     the fp32 master weights, not a bf16 copy) and are gathered over tp by their shard tags; pipeline stages then
     exchange their layers. Collective over the world: every rank calls it and every rank gets the full state."""
     from megatrain.checkpoint.engine_state import gather_state
-    state = {p.logical_name: value.float().cpu().clone()
+    state = {logical_name(p): value.float().cpu().clone()
              for p, value, _ in gather_state(engine, dims, with_optimizer=False)}
     if dims.pp > 1:  # each stage holds its own blocks (the tied token table is on the first and the last)
         parts: list = [None] * dims.pp

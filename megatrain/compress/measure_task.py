@@ -20,7 +20,7 @@ from torch.utils.data import default_collate
 
 from megatrain.config.schema import Config, ModelConfig
 from megatrain.data.sampler import eval_batch_count
-from megatrain.dist.env import device as current_device
+from megatrain.distributed.env import device as current_device
 
 
 def batch_of(dataset, start: int, n: int, dev) -> dict:

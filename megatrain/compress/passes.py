@@ -16,12 +16,12 @@ import torch.distributed as dist
 from megatrain.compress.distill import DistillationTask, student_state
 from megatrain.compress.gather import engine_state_dict
 from megatrain.compress.importance import compute_scores
-from megatrain.compress.io import build_plain, load_model, save_model, tied_keys
+from megatrain.weights.sources import build_plain, load_model, save_model, tied_keys
 from megatrain.compress.prune import Sizes, prune_model, step_sizes, target_sizes
 from megatrain.compress.report import measure, write_table
 from megatrain.config import build_config, resolve_layout
 from megatrain.config.schema import Config, ModelConfig
-from megatrain.dist.env import is_main_process
+from megatrain.distributed.env import is_main_process
 from megatrain.models.transformer import build_transformer
 from megatrain.train.lm_task import LanguageModelingTask
 from megatrain.errors import UserError
@@ -54,9 +54,10 @@ class GivenModelTask:
 
 def _setup(cfg: Config, local_rank, *, pipeline: bool = False):
     """Process group and layout; ``pipeline`` = the pass can run with pp > 1 (distillation from a cache)."""
-    from megatrain.dist.dims import build_parallel_dims
-    from megatrain.dist.env import init_distributed
-    resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # a bad layout fails before any group exists
+    from megatrain.distributed.dims import build_parallel_dims
+    from megatrain.distributed.env import init_distributed
+    from megatrain.distributed.bootstrap import launched_world_size
+    resolve_layout(cfg, launched_world_size())  # a bad layout fails before any group exists
     if cfg.parallel.pp > 1 and not pipeline:
         raise UserError("prune with parallel.pp>1 is not supported; use tp and ZeRO (train the result with pp "
                          "afterwards)")
@@ -77,7 +78,7 @@ def _source_model(cfg: Config, path: str | None, field: str) -> tuple[torch.nn.M
 
 def _calibration(cfg: Config, lay, dims, dataset) -> list[dict]:
     from megatrain.data.sampler import GlobalBatchSampler, rank_slice
-    from megatrain.dist.env import device
+    from megatrain.distributed.env import device
     sampler = GlobalBatchSampler(len(dataset), cfg.train.global_batch_size, cfg.train.seed)
     out, step = [], 0
     while len(out) < cfg.prune.calib_batches:
@@ -93,7 +94,7 @@ def _calibration(cfg: Config, lay, dims, dataset) -> list[dict]:
 
 def _scores(model, cfg: Config, dims, batches):
     """Importance on the model sharded like training shards it; gathered so every rank has all units."""
-    from megatrain.dist.env import device
+    from megatrain.distributed.env import device
     from megatrain.parallelize import parallelize
     sharded = parallelize(copy.deepcopy(model), cfg, dims, device=device()).to(device())
     task = LanguageModelingTask(cfg)
@@ -198,7 +199,7 @@ def run_cache_teacher(cfg: Config, *, local_rank: int | None = None) -> str:
     """Run distill.teacher over the training samples and write its top-k targets to distill.teacher_cache.
     Data-parallel over the ranks of the launch (each writes whole shards; rank 0 writes the manifest last)."""
     from megatrain.compress.teacher_cache import MANIFEST, tensor_crc, write_manifest, write_teacher_cache
-    from megatrain.dist.env import device, init_distributed
+    from megatrain.distributed.env import device, init_distributed
     d = cfg.distill
     if not d.teacher or not d.teacher_cache:
         raise UserError("writing a teacher cache needs distill.teacher (the model to run) and distill.teacher_cache "

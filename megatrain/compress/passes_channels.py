@@ -14,14 +14,14 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatrain.compress.io import load_model, save_model
+from megatrain.weights.sources import load_model, save_model
 from megatrain.compress.measure_task import markdown_task, measure_task
 from megatrain.compress.passes import GivenModelTask, _calibration, _setup, _train, with_fields
 from megatrain.compress.prune_channels import (channel_scores, channel_sizes, prune_channels, step_channel_sizes,
                                                target_channel_sizes)
 from megatrain.compress.report import write_table
 from megatrain.config.schema import Config, ModelConfig
-from megatrain.dist.env import is_main_process
+from megatrain.distributed.env import is_main_process
 from megatrain.train.tasks import make_task
 from megatrain.errors import UserError
 
@@ -43,7 +43,7 @@ def _source_model(cfg: Config, task) -> tuple[torch.nn.Module, ModelConfig]:
 
 def run_prune_channels(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
     """Prune the inner channels of a ResNet / hidden units of an RNN to prune.channels; returns the rows."""
-    from megatrain.dist.env import device
+    from megatrain.distributed.env import device
     p = cfg.prune
     task = make_task(cfg)  # fills model.vocab_size (RNNs) from the data
     model, model_cfg = _source_model(cfg, task)

@@ -187,7 +187,7 @@ def pruned_channel_config(m: ModelConfig, new: tuple[int, ...]) -> ModelConfig:
 def prune_channels(model: nn.Module, m: ModelConfig, scores: ChannelScores,
                    new: tuple[int, ...]) -> tuple[nn.Module, ModelConfig]:
     """A pruned copy of ``model`` (plain) at widths ``new`` and its config; the most important units stay."""
-    from megatrain.compress.io import build_plain
+    from megatrain.weights.sources import build_plain
     groups = groups_of(model, m)
     removed = removed_by_score(groups, scores.units, lambda g: new[g.stage])
     state = remove_units({k: v.detach() for k, v in model.state_dict().items()}, groups, removed)

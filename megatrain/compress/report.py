@@ -15,7 +15,7 @@ import torch
 
 from megatrain.compress.measure_task import batch_of, fastest_step_s
 from megatrain.config.schema import Config, ModelConfig
-from megatrain.dist.env import device as current_device
+from megatrain.distributed.env import device as current_device
 from megatrain.fsutil import atomic_write_text
 from megatrain.models.transformer import flops_per_token
 

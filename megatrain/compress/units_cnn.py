@@ -33,9 +33,3 @@ def resnet_groups(model: nn.Module) -> list[Group]:
                 slices = (Slice(f"{p}.{conv}.weight", 0), *_bn(f"{p}.{bn}"), Slice(f"{p}.{nxt}.weight", 1))
                 groups.append(Group(f"{p}.{conv}", getattr(block, conv).out_channels, slices, stage=i))
     return groups
-
-
-def resnet_stem(state_or_model) -> str:
-    """The stem a ResNet was built with (the config does not record it): 'imagenet' has a 7×7 first conv."""
-    w = state_or_model["stem.0.weight"] if isinstance(state_or_model, dict) else state_or_model.stem[0].weight
-    return "imagenet" if w.shape[-1] == 7 else "small"

@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from megatrain.dist.env import is_main_process
+from megatrain.distributed.env import is_main_process
 from megatrain.eval._io import write_json, write_text
-from megatrain.eval.metrics import classification_metrics, confusion_matrix
+from megatrain.train.metrics import classification_metrics, confusion_matrix
 from megatrain.errors import UserError
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from megatrain.dist.env import is_main_process
+from megatrain.distributed.env import is_main_process
 from megatrain.eval._io import write_json, write_text
 from megatrain.errors import UserError
 

@@ -25,7 +25,7 @@ import yaml
 
 from megatrain.config.loader import ConfigError, build_config
 from megatrain.config.schema import Config, Section
-from megatrain.dist.env import is_main_process
+from megatrain.distributed.env import is_main_process
 from megatrain.eval._io import write_json, write_text
 from megatrain.errors import UserError
 

@@ -15,7 +15,7 @@ import os
 from typing import Any, Callable
 
 from megatrain.config.schema import Config
-from megatrain.dist.env import is_main_process
+from megatrain.distributed.env import is_main_process
 from megatrain.eval._io import write_json
 from megatrain.eval.search import TrainFn, _jsonable, metric_key, train_trial, trial_config
 from megatrain.errors import UserError

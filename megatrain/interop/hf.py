@@ -88,8 +88,8 @@ class HFSource:
 
 def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32):
     """A megatrain Transformer (unsharded, CPU) with the weights of a local HF GPT-2/Llama directory."""
-    from megatrain.checkpoint.materialize import materialize_
-    from megatrain.checkpoint.shards import tag_logical_names
+    from megatrain.parallelize.materialize import materialize_
+    from megatrain.parallelize.param_spec import tag_logical_names
     from megatrain.models.transformer import build_transformer
     cfg = model_config_from_hf(path)
     model = build_transformer(cfg, meta=True)

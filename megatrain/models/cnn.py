@@ -144,6 +144,12 @@ def init_resnet(model: ResNet) -> None:
             nn.init.zeros_(m.last_bn.weight)
 
 
+def resnet_stem(state_or_model) -> str:
+    """The stem a ResNet was built with (the config does not record it): 'imagenet' has a 7×7 first conv."""
+    w = state_or_model["stem.0.weight"] if isinstance(state_or_model, dict) else state_or_model.stem[0].weight
+    return "imagenet" if w.shape[-1] == 7 else "small"
+
+
 def build_resnet(model_cfg: ModelConfig, *, seed: int | None = None, image_size: int | None = None,
                  stem: Literal["auto", "small", "imagenet"] = "auto") -> ResNet:
     """ResNet from the config; ``stem='auto'`` picks the ImageNet stem for images ≥ 64 px when the size is given.

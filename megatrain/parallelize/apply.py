@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from megatrain import ops
-from megatrain.checkpoint.materialize import InitSource, load_buffers_, materialize_, placeholders_
-from megatrain.checkpoint.shards import tag_logical_names
 from megatrain.config.schema import Config
-from megatrain.dist.tp_layers import register_sequence_parallel_hooks
 from megatrain.parallelize.activation_checkpointing import apply_activation_checkpointing
+from megatrain.parallelize.materialize import InitSource, load_buffers_, materialize_, placeholders_
+from megatrain.parallelize.param_spec import tag_logical_names
+from megatrain.parallelize.sequence_parallel import register_sequence_parallel_hooks
 
 
 def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None, source=None, device=None) -> nn.Module:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from megatrain.config.schema import Config
+from megatrain.parallelize.param_spec import update_spec
 
 
 class TokenTable(nn.Module):
@@ -44,7 +45,7 @@ def to_pipeline_module(model: nn.Module, cfg: Config, dims, loss_fn):
 
     wte, lm_head = model.embed.wte, model.head.lm_head
     if cfg.model.tied:
-        wte.weight.pipeline_tied = True  # held by the first and last stage; checkpoints write it once
+        update_spec(wte.weight, pipeline_tied=True)  # held by the first and last stage; checkpoints write it once
         first = TiedLayerSpec("tokens", TokenTable, wte, lm_head, tied_weight_attr="wte.weight")
         last = TiedLayerSpec("tokens", TokenTable, wte, lm_head, forward_fn=_project, tied_weight_attr="wte.weight")
     else:

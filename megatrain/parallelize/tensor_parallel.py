@@ -13,11 +13,11 @@ import math
 
 from torch import nn
 
-from megatrain.checkpoint.shards import inherit_tags
 from megatrain.config.schema import Config
-from megatrain.dist.collectives import split_to_group
-from megatrain.dist.tp_layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                      mark_sequence_parallel_grads)
+from megatrain.distributed.collectives import split_to_group
+from megatrain.distributed.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatrain.parallelize.param_spec import inherit_spec
+from megatrain.parallelize.sequence_parallel import mark_sequence_parallel_grads
 
 
 def padded_vocab_size(vocab: int, tp: int) -> int:
@@ -35,17 +35,17 @@ def _split_sequence_after_embedding(embed: nn.Module, group) -> None:
 
 def _column(linear: nn.Linear, *, pad_out_to: int | None = None, **kw) -> ColumnParallelLinear:
     layer = ColumnParallelLinear.from_linear(linear, pad_out_to=pad_out_to, **kw)
-    inherit_tags(layer.weight, linear.weight, tp_dim=0, tp_padded=pad_out_to)
+    inherit_spec(layer.weight, linear.weight, tp_dim=0, tp_padded=pad_out_to)
     if layer.bias is not None:
-        inherit_tags(layer.bias, linear.bias, tp_dim=0, tp_padded=pad_out_to)
+        inherit_spec(layer.bias, linear.bias, tp_dim=0, tp_padded=pad_out_to)
     return layer
 
 
 def _row(linear: nn.Linear, **kw) -> RowParallelLinear:
     layer = RowParallelLinear.from_linear(linear, **kw)
-    inherit_tags(layer.weight, linear.weight, tp_dim=1)
+    inherit_spec(layer.weight, linear.weight, tp_dim=1)
     if layer.bias is not None:
-        inherit_tags(layer.bias, linear.bias, tp_dim=None)
+        inherit_spec(layer.bias, linear.bias, tp_dim=None)
     return layer
 
 
@@ -70,7 +70,7 @@ def apply_tensor_parallel(model: nn.Module, cfg: Config, dims) -> nn.Module:
     padded = padded_vocab_size(vocab, dims.tp)
     old_wte = model.embed.wte.weight
     model.embed.wte = VocabParallelEmbedding(old_wte, group=group, padded_vocab=padded)
-    inherit_tags(model.embed.wte.weight, old_wte, tp_dim=0, tp_padded=padded)
+    inherit_spec(model.embed.wte.weight, old_wte, tp_dim=0, tp_padded=padded)
     head = model.head
     if cfg.model.tied:
         head.lm_head = ColumnParallelLinear.tied_to(model.embed.wte, sequence_parallel=sp)

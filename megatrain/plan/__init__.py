@@ -8,17 +8,18 @@ explicit allowance, ``plan.reserved_gib``.
 from __future__ import annotations
 
 import itertools
-import os
 
 from megatrain.config.schema import Config
 from megatrain.plan.memory import GIB, StageMemory, plan_memory
 from megatrain.errors import UserError
 
-__all__ = ["GIB", "StageMemory", "plan_memory", "check_fits", "propose", "with_vocab", "planned_world_size"]
+__all__ = ["GIB", "StageMemory", "plan_memory", "check_fits", "memory_preflight", "propose", "with_vocab",
+           "planned_world_size"]
 
 
 def planned_world_size(cfg: Config) -> int:
-    return cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    from megatrain.distributed.bootstrap import launched_world_size
+    return cfg.plan.world_size or launched_world_size()
 
 
 def with_vocab(cfg: Config) -> Config:
@@ -46,6 +47,13 @@ def _layout_args(cfg: Config) -> str:
     if p.activation_checkpointing != "none":
         out += f" --parallel.activation_checkpointing={p.activation_checkpointing}"
     return out
+
+
+def memory_preflight(cfg: Config, world_size: int) -> None:
+    """The launchers' preflight: with ``plan.gpu_memory_gib`` set, refuse (one line) a layout predicted not to fit,
+    before any process group or GPU is touched."""
+    if cfg.plan.gpu_memory_gib:
+        check_fits(with_vocab(cfg), world_size=world_size)
 
 
 def check_fits(cfg: Config, *, world_size: int, rows: list[StageMemory] | None = None) -> list[StageMemory]:

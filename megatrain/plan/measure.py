@@ -32,9 +32,9 @@ def live_tensor_bytes(device_type: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from megatrain.cli_args import parse
+    from megatrain.config.cli import parse
     from megatrain.data.sampler import rank_slice
-    from megatrain.dist.env import shutdown_distributed
+    from megatrain.distributed.env import shutdown_distributed
     from megatrain.plan import with_vocab
     from megatrain.plan.params import meta_model
     from megatrain.train.trainer import Trainer

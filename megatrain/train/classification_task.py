@@ -19,7 +19,7 @@ from torch import nn
 from megatrain.config.schema import Config
 from megatrain.data import images as img
 from megatrain.data.augment import PRESETS, augment_batch
-from megatrain.eval.metrics import classification_metrics, confusion_matrix, mean_loss
+from megatrain.train.metrics import classification_metrics, confusion_matrix, mean_loss
 from megatrain.errors import UserError
 
 def _is_image(cfg: Config) -> bool:

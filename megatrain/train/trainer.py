@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
-from megatrain.config import Config, resolve_layout, to_deepspeed
+from megatrain.config import Config, to_deepspeed
 from megatrain.data.sampler import eval_batch_count
-from megatrain.dist import comm_counter
-from megatrain.dist.env import device as current_device
-from megatrain.dist.env import init_distributed
-from megatrain.dist.watchdog import HangWatchdog
+from megatrain.distributed import comm_counter
+from megatrain.distributed.env import device as current_device
+from megatrain.distributed.bootstrap import Launch, bootstrap
+from megatrain.distributed.watchdog import HangWatchdog
 from megatrain.fsutil import atomic_write_text
 from megatrain.train.logging import RunLogger
 from megatrain.train.regularization import param_groups, penalty
@@ -34,16 +34,13 @@ def step_seed(seed: int, step: int, dp_rank: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, task=None, *, local_rank: int | None = None):
+    def __init__(self, cfg: Config, task=None, *, local_rank: int | None = None, launch: Launch | None = None):
+        """``launch``: the launcher's bootstrap (layout checked, preflight run, process groups made); without it
+        the Trainer bootstraps itself, without a memory preflight (library use: K-fold, search, passes)."""
         self.cfg = cfg
-        # Check the layout against the launcher's world size before any process group exists: a bad
-        # layout fails on every rank at once with the same one-line reason, not as a collective hang.
-        launched_world = int(os.environ.get("WORLD_SIZE", "1"))
-        resolve_layout(cfg, launched_world)
-        if cfg.plan.gpu_memory_gib:  # likewise a layout predicted not to fit: refused before any GPU is touched
-            from megatrain.plan import check_fits, with_vocab
-            check_fits(with_vocab(cfg), world_size=launched_world)
-        self.rank, self.world, _ = init_distributed(local_rank)
+        launch = launch or bootstrap(cfg, local_rank)
+        self.rank, self.world = launch.rank, launch.world
+        self.layout, self.dims = launch.layout, launch.dims
         self.watchdog = HangWatchdog(cfg.log.hang_report_s, rank=self.rank, where=f"of {self.world}",
                                      log_dir=cfg.log.dir)
         try:
@@ -55,9 +52,7 @@ class Trainer:
 
     def _setup(self, task) -> None:
         cfg = self.cfg
-        self.layout = resolve_layout(cfg, self.world)
-        from megatrain.dist.dims import DeepSpeedMPU, build_parallel_dims
-        self.dims = build_parallel_dims(tp=self.layout.tp, pp=self.layout.pp, dp=self.layout.dp)
+        from megatrain.distributed.dims import DeepSpeedMPU
         self.watchdog.where = f"tp {self.dims.tp_rank} pp {self.dims.pp_rank} dp {self.dims.dp_rank}"
         if task is None:
             from megatrain.train.tasks import make_task
@@ -136,6 +131,7 @@ class Trainer:
         if self.resume is not None:
             return self.resume.model
         if self.cfg.model.init_from:
+            from megatrain.weights import init_source
             return init_source(self.cfg.model)
         if self.cfg.model.from_hf:
             from megatrain.interop.hf import HFSource
@@ -372,28 +368,3 @@ class Trainer:
             if path:
                 logger.message(f"report: {path}")
         return last
-
-
-def init_source(model_cfg):
-    """The weights of ``model.init_from`` as a tensor source, after checking its sizes equal the config's."""
-    from megatrain.checkpoint.layout_free import SHAPE_FIELDS
-    from megatrain.checkpoint.materialize import StateSource
-    from megatrain.compress.io import load_model_state
-
-    path = model_cfg.init_from
-    try:
-        saved, state = load_model_state(path)
-    except UserError as err:  # name the field the path came from
-        raise UserError(f"model.init_from={path}: {str(err).removeprefix(f'{path}: ')}") from None
-    # compare what the fields mean (num_kv_heads None = num_heads, ...), not how they were written
-    derived = {"num_kv_heads": "kv_heads", "head_dim": "attn_head_dim", "tie_embeddings": "tied",
-               "ffn_hidden_size": "ffn_size", "inner_widths": "stage_inner_widths", "rnn_hidden_size": "rnn_width"}
-    for field in SHAPE_FIELDS:
-        key = derived.get(field, field)
-        if getattr(saved, key) != getattr(model_cfg, key):
-            value = getattr(saved, key)
-            arg = str(value).replace(" ", "") if not isinstance(value, bool) else str(value).lower()
-            raise UserError(f"model.init_from={path} holds a model with model.{field}={value!r} but the config has "
-                             f"{getattr(model_cfg, key)!r}; pass --model.{field}={arg} (the saved config.yaml "
-                             "lists all sizes)")
-    return StateSource(state, f"model.init_from={path}")

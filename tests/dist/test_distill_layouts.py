@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cache(tiny_corpus, tmp_path_factory):
-    from megatrain.compress.io import save_model
+    from megatrain.weights.sources import save_model
     from megatrain.compress.teacher_cache import tensor_crc, write_manifest, write_teacher_cache
     from megatrain.config.schema import ModelConfig
     from megatrain.data.dataset import PackedTokenDataset

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.dist]
 LATE_PEER = """
 import os, sys, time
 import torch, torch.distributed as dist
-from megatrain.dist.watchdog import HangWatchdog
+from megatrain.distributed.watchdog import HangWatchdog
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 dog = HangWatchdog(0.5, rank=rank, where=f"dp {rank}", log_dir=sys.argv[1])

@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatrain.dist.collectives import split_to_group
+from megatrain.distributed.collectives import split_to_group
 from megatrain.ops.cross_entropy import vocab_parallel_cross_entropy
-from megatrain.dist.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatrain.distributed.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatrain.testing import spawn_group
 
 pytestmark = pytest.mark.dist

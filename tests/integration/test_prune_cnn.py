@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from megatrain.compress.io import load_model
+from megatrain.weights.sources import load_model
 from megatrain.testing import run_ranks
 
 pytestmark = pytest.mark.slow

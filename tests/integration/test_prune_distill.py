@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from megatrain.compress.io import load_model
+from megatrain.weights.sources import load_model
 from megatrain.testing import run_ranks
 from tests.conftest import tiny_overrides
 

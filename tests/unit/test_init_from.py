@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from megatrain.checkpoint.materialize import StateSource
-from megatrain.compress.io import save_model
+from megatrain.parallelize.materialize import StateSource
+from megatrain.weights.sources import save_model
 from megatrain.config import build_config
 from megatrain.models.cnn import build_resnet
 from megatrain.parallelize import parallelize
-from megatrain.train.trainer import init_source
+from megatrain.weights import init_source
 
 CNN = {"model": {"arch": "resnet", "task": "classification", "widths": [4, 8], "blocks_per_stage": [1, 1]}}
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn import metrics as skm
 
-from megatrain.eval.metrics import (all_reduce_stats, classification_metrics, confusion_matrix, per_class_metrics,
+from megatrain.train.metrics import (all_reduce_stats, classification_metrics, confusion_matrix, per_class_metrics,
                                     perplexity)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from megatrain.compress.importance import activation_scores, magnitude_scores, taylor_scores
-from megatrain.compress.io import load_model, save_model
+from megatrain.weights.sources import load_model, save_model
 from megatrain.compress.prune import Sizes, prune_model, step_sizes, target_sizes
 from megatrain.compress.units import head_rows, keep_blocks, prune_heads, prune_mlp
 from megatrain.config import ConfigError, build_config

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatrain.compress.channels import remove_units
-from megatrain.compress.io import build_plain, load_model, save_model
+from megatrain.weights.sources import build_plain, load_model, save_model
 from megatrain.compress.measure_task import forward_macs
 from megatrain.compress.prune_channels import (ChannelScores, channel_scores, groups_of, prune_channels,
                                                step_channel_sizes, target_channel_sizes)

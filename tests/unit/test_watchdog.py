@@ -2,7 +2,7 @@
 import re
 import time
 
-from megatrain.dist.watchdog import HangWatchdog
+from megatrain.distributed.watchdog import HangWatchdog
 
 
 def _slow_phase_body():

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megatrain.dist.collectives import copy_to_group, gather_for_group, reduce_from_group, reduce_scatter_to_group
+from megatrain.distributed.collectives import copy_to_group, gather_for_group, reduce_from_group, reduce_scatter_to_group
 from megatrain.errors import UserError
 
 
@@ -23,34 +23,6 @@ def _mark_sharded(p: nn.Parameter) -> nn.Parameter:
     p.model_parallel = True
     p.tensor_model_parallel = True
     return p
-
-
-def mark_sequence_parallel_grads(params, group) -> None:
-    """Replicated parameters that see a different sequence shard on each tp rank (norm weights, row
-    biases under sequence parallelism) need their gradients summed over ``group``. Marked here, hooked by
-    :func:`register_sequence_parallel_hooks` once the parameters are real (hooks do not survive
-    replacing a meta parameter)."""
-    for p in params:
-        if p is not None:
-            p.sp_grad_group = group
-
-
-def register_sequence_parallel_hooks(module: nn.Module) -> int:
-    n = 0
-    for p in module.parameters():
-        group = getattr(p, "sp_grad_group", None)
-        if group is None or not p.requires_grad or getattr(p, "_sp_hooked", False):
-            continue
-
-        def hook(g, group=group):
-            g = g.clone()
-            dist.all_reduce(g, group=group)
-            return g
-
-        p.register_hook(hook)
-        p._sp_hooked = True
-        n += 1
-    return n
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

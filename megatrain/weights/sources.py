@@ -1,11 +1,14 @@
-"""Read a model (config + full tensors) from any source the passes accept, and write pruned models.
+"""Where a model's weights come from, in one place: read a model (config + full tensors) from any source, write
+plain models, and turn ``model.init_from`` into a tensor source for materialisation.
 
-Sources, tried in this order:
+Sources, tried in this order by :func:`load_model_state`:
   - a compressed-model dir written by ``save_model`` (model.safetensors + config.yaml);
   - a local Hugging Face dir (config.json + *.safetensors), through megatrain.interop.hf_maps;
   - a megatrain checkpoint: a layout-free one (manifest.json) through megatrain.checkpoint.layout_free, an
     older DeepSpeed one from its tp=1 ``mp_rank_00_model_states.pt`` read with ``weights_only=True``.
 A run dir (holding checkpoints/), a checkpoints dir (holding ``latest``) and one step dir are all accepted.
+A fresh model's weights come from the name-seeded init (``megatrain.parallelize.materialize.InitSource``); a Hugging
+Face directory given as ``model.from_hf`` is read by ``megatrain.interop.hf`` one tensor at a time.
 """
 from __future__ import annotations
 
@@ -80,7 +83,7 @@ def _from_hf(path: str) -> tuple[ModelConfig, dict]:
 
 
 def load_model_state(path: str) -> tuple[ModelConfig, dict]:
-    """(model config, full state dict) from any accepted source; a one-line ValueError otherwise."""
+    """(model config, full state dict) from any accepted source; a one-line UserError otherwise."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such directory; pass a run/checkpoint dir, a pruned model dir or an HF dir")
     if os.path.isfile(os.path.join(path, MODEL_FILE)) and os.path.isfile(os.path.join(path, CONFIG_FILE)):
@@ -119,8 +122,7 @@ def build_plain(model_cfg: ModelConfig, state: dict | None = None, *, seed: int 
     """The plain model of ``model_cfg`` (any arch), loaded strictly from ``state`` when given. A ResNet's stem
     is read from the state (its config does not record it); RNNs are LMs or classifiers by model.task."""
     if model_cfg.arch == "resnet":
-        from megatrain.compress.units_cnn import resnet_stem
-        from megatrain.models.cnn import build_resnet
+        from megatrain.models.cnn import build_resnet, resnet_stem
         model = build_resnet(model_cfg, seed=seed, stem=resnet_stem(state) if state is not None else "small")
     elif model_cfg.arch in ("lstm", "gru"):
         from megatrain.models.rnn import build_rnn_classifier, build_rnn_lm
@@ -139,3 +141,27 @@ def load_model(path: str, *, seed: int = 0) -> tuple[torch.nn.Module, ModelConfi
     must match the config)."""
     model_cfg, state = load_model_state(path)
     return build_plain(model_cfg, state, seed=seed), model_cfg
+
+
+def init_source(model_cfg):
+    """The weights of ``model.init_from`` as a tensor source, after checking its sizes equal the config's."""
+    from megatrain.checkpoint.layout_free import SHAPE_FIELDS
+    from megatrain.parallelize.materialize import StateSource
+
+    path = model_cfg.init_from
+    try:
+        saved, state = load_model_state(path)
+    except UserError as err:  # name the field the path came from
+        raise UserError(f"model.init_from={path}: {str(err).removeprefix(f'{path}: ')}") from None
+    # compare what the fields mean (num_kv_heads None = num_heads, ...), not how they were written
+    derived = {"num_kv_heads": "kv_heads", "head_dim": "attn_head_dim", "tie_embeddings": "tied",
+               "ffn_hidden_size": "ffn_size", "inner_widths": "stage_inner_widths", "rnn_hidden_size": "rnn_width"}
+    for field in SHAPE_FIELDS:
+        key = derived.get(field, field)
+        if getattr(saved, key) != getattr(model_cfg, key):
+            value = getattr(saved, key)
+            arg = str(value).replace(" ", "") if not isinstance(value, bool) else str(value).lower()
+            raise UserError(f"model.init_from={path} holds a model with model.{field}={value!r} but the config has "
+                             f"{getattr(model_cfg, key)!r}; pass --model.{field}={arg} (the saved config.yaml "
+                             "lists all sizes)")
+    return StateSource(state, f"model.init_from={path}")

@@ -15,8 +15,9 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from megatrain.checkpoint.shards import shard_of
+from megatrain.parallelize.shards import shard_of
 from megatrain.errors import CheckpointError
+from megatrain.parallelize.param_spec import logical_shape, spec_of, update_spec
 
 
 class TensorSource(Protocol):
@@ -37,10 +38,10 @@ class InitSource:
 
 def _row_shard(source, p, name: str, tp_rank: int, tp_size: int) -> torch.Tensor | None:
     """This rank's rows read straight from the file for dim-0 shards, or None (read whole, then slice)."""
-    if tp_size == 1 or getattr(p, "tp_dim", None) != 0 or not hasattr(source, "rows"):
+    spec = spec_of(p)
+    if tp_size == 1 or spec is None or spec.tp_dim != 0 or not hasattr(source, "rows"):
         return None
-    logical = tuple(getattr(p, "logical_shape", p.shape))
-    per = (getattr(p, "tp_padded", None) or logical[0]) // tp_size
+    per = (spec.tp_padded or spec.logical_shape[0]) // tp_size
     part = source.rows(name, tp_rank * per, (tp_rank + 1) * per)
     if part is None:
         return None
@@ -59,7 +60,7 @@ def swap_parameters_(model: nn.Module, make: Callable[[nn.Parameter], torch.Tens
             new = memo.get(id(old))
             if new is None:
                 new = nn.Parameter(make(old), requires_grad=old.requires_grad)
-                new.__dict__.update(old.__dict__)  # logical name, tp layout, model-parallel marks
+                new.__dict__.update(old.__dict__)  # the ParamSpec and DeepSpeed's model-parallel marks
                 memo[id(old)] = new
             module._parameters[key] = new
 
@@ -68,7 +69,7 @@ def placeholders_(model: nn.Module) -> None:
     """Meta parameters → zero-stride CPU stand-ins (4 bytes each) that still report their shape, so
     DeepSpeed can partition pipeline stages by parameter count and move them to a device for free."""
     def stand_in(p):
-        p.stand_in = True  # copied onto the new parameter; survives DeepSpeed's .to(device)
+        update_spec(p, stand_in=True)  # copied onto the new parameter; survives DeepSpeed's .to(device)
         return torch.empty(1, dtype=p.dtype).expand(p.shape)
     swap_parameters_(model, stand_in, only={id(p) for p in model.parameters() if p.is_meta})
 
@@ -101,7 +102,8 @@ def load_buffers_(model: nn.Module, source) -> int:
     count = 0
     with torch.no_grad():
         for buf in model.buffers():
-            name = getattr(buf, "logical_name", None)
+            spec = spec_of(buf)
+            name = None if spec is None else spec.logical_name
             if name is not None and source.has(name):
                 buf.copy_(source.tensor(name, tuple(buf.shape)).to(buf.dtype))
                 count += 1
@@ -109,7 +111,8 @@ def load_buffers_(model: nn.Module, source) -> int:
 
 
 def _is_stand_in(p: torch.Tensor) -> bool:
-    return p.is_meta or getattr(p, "stand_in", False)
+    spec = spec_of(p)
+    return p.is_meta or (spec is not None and spec.stand_in)
 
 
 def materialize_(model: nn.Module, source: TensorSource, *, tp_rank: int, tp_size: int, device,
@@ -124,13 +127,11 @@ def materialize_(model: nn.Module, source: TensorSource, *, tp_rank: int, tp_siz
     def make(p: nn.Parameter) -> torch.Tensor:
         nonlocal count
         count += 1
-        name = getattr(p, "logical_name", None)
-        if name is None:
-            raise CheckpointError("materialize: a parameter has no logical name (built outside parallelize?)")
-        p.__dict__.pop("stand_in", None)
+        assert spec_of(p) is not None, "materialize: a parameter has no ParamSpec (built outside parallelize?)"
+        name = update_spec(p, stand_in=False).logical_name
         part = _row_shard(source, p, name, tp_rank, tp_size)
         if part is None:
-            full = source.tensor(name, tuple(getattr(p, "logical_shape", p.shape)))
+            full = source.tensor(name, logical_shape(p))
             part = shard_of(full, p, tp_rank, tp_size)
         return part.to(device=device, dtype=dtype).contiguous()
 

@@ -30,7 +30,7 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    from megatrain.dist import comm_counter
+    from megatrain.distributed import comm_counter
     if comm_counter.enabled_by_env():
         comm_counter.enable()  # before DeepSpeed binds torch.distributed functions
     if not dist.is_initialized():

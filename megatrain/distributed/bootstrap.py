@@ -1,0 +1,50 @@
+"""A launch's bootstrap, done once: the layout checked against the launcher's world size, an optional preflight
+(the memory planner, passed in by the launcher), then the process groups. The Trainer takes the result.
+
+The order matters: every check that can refuse the run happens before any process group exists, so a bad layout
+or one predicted not to fit fails on every rank at once with the same one-line reason, never as a collective hang.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from megatrain.config import Config, Layout, resolve_layout
+from megatrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int
+    world: int
+    local_rank: int
+    layout: Layout
+    dims: object  # megatrain.distributed.dims.ParallelDims
+
+
+def launched_world_size() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(raw)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={raw!r} is not an integer; unset it or let the launcher set it") from None
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE={world} must be at least 1; unset it or let the launcher set it")
+    return world
+
+
+def bootstrap(cfg: Config, local_rank: int | None = None, *,
+              preflight: Callable[[Config, int], None] | None = None) -> Launch:
+    """Check, then create the process groups of ``cfg``'s layout. ``preflight(cfg, world_size)`` raises a
+    UserError to refuse the run (launchers pass the memory planner's check)."""
+    world = launched_world_size()
+    resolve_layout(cfg, world)
+    if preflight is not None:
+        preflight(cfg, world)
+    from megatrain.distributed.dims import build_parallel_dims
+    from megatrain.distributed.env import init_distributed
+    rank, world, lr = init_distributed(local_rank)
+    layout = resolve_layout(cfg, world)
+    dims = build_parallel_dims(tp=layout.tp, pp=layout.pp, dp=layout.dp)
+    return Launch(rank=rank, world=world, local_rank=lr, layout=layout, dims=dims)
