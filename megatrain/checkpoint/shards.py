@@ -9,8 +9,8 @@ makes checkpoints layout-free.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from megatrain.dist import host_collectives as hc
 
 
 def tag_logical_names(model: nn.Module) -> None:
@@ -56,8 +56,7 @@ def gather_logical(local: torch.Tensor, p: torch.Tensor, group, tp_size: int) ->
     dim = getattr(p, "tp_dim", None)
     if dim is None or tp_size == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(tp_size)]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    full = torch.cat(parts, dim=dim)
+    # local may be a CPU copy (engine_state.py): the module stages it on the group's device (NCCL takes CUDA only)
+    full = torch.cat(hc.all_gather(local, group=group), dim=dim)
     true = p.logical_shape[dim]
     return full.narrow(dim, 0, true) if full.shape[dim] != true else full

@@ -15,6 +15,7 @@ from torch import nn
 
 from megatrain.dist.collectives import copy_to_group, gather_for_group, reduce_from_group, reduce_scatter_to_group
 from megatrain.errors import UserError
+from megatrain.dist import host_collectives as hc
 
 
 def _mark_sharded(p: nn.Parameter) -> nn.Parameter:
@@ -43,9 +44,7 @@ def register_sequence_parallel_hooks(module: nn.Module) -> int:
             continue
 
         def hook(g, group=group):
-            g = g.clone()
-            dist.all_reduce(g, group=group)
-            return g
+            return hc.all_reduce(g.clone(), group=group)
 
         p.register_hook(hook)
         p._sp_hooked = True

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from megatrain.ops.dispatch import backend_for, provider, register
 from megatrain.errors import UserError
+from megatrain.dist import host_collectives as hc
 
 register("cross_entropy", "triton", "megatrain.triton_kernels.cross_entropy")
 _TRITON_FUSED_LINEAR_CE = "megatrain.triton_kernels.fused_linear_cross_entropy"
@@ -75,13 +76,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         real = torch.arange(vocab_start, vocab_start + n_local, device=x.device) < vocab_size  # (V_local,)
         x = x.masked_fill(~real, float("-inf"))
         m = x.max(dim=-1).values  # (N,); -inf on a shard that is all padding
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        hc.all_reduce(m, op="max", group=group)
         x = x - m.unsqueeze(-1)  # shifted: exp never overflows; -inf on padding
         local = labels - vocab_start
         in_shard = (local >= 0) & (local < n_local)
         x_target = torch.where(in_shard, x.gather(1, local.clamp(0, n_local - 1).unsqueeze(-1)).squeeze(-1), 0.0)
         packed = torch.stack([x.exp().sum(-1), x_target, x.masked_fill(~real, 0.0).sum(-1)])  # (3, N)
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        hc.all_reduce(packed, group=group)
         sum_exp, x_target, x_sum = packed.unbind(0)
         lse = torch.log(sum_exp)  # shifted by m like x
         valid = labels != ignore_index
