@@ -29,7 +29,7 @@ def cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
     label_smoothing: float = 0.0, reduction: str = "mean",
 ) -> torch.Tensor:
-    backend = backend_for("cross_entropy", logits.device)
+    backend = backend_for("cross_entropy", logits.device, dtype=logits.dtype, shape={"vocab": logits.shape[-1]})
     if backend != "torch":
         return provider("cross_entropy", backend)(
             logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
@@ -56,7 +56,7 @@ def fused_linear_cross_entropy(
     reduction is mean or sum (the fused path has no per-token loss)."""
     if reduction not in ("mean", "sum"):
         raise UserError(f"fused_linear_cross_entropy: reduction={reduction!r}; use mean or sum")
-    if backend_for("cross_entropy", hidden.device) == "triton":
+    if backend_for("cross_entropy", hidden.device, dtype=hidden.dtype, shape={"vocab": weight.shape[0]}) == "triton":
         return importlib.import_module(_TRITON_FUSED_LINEAR_CE).fused_linear_cross_entropy(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
             reduction=reduction)
@@ -134,7 +134,7 @@ def vocab_parallel_cross_entropy(
     rank gets the same full-vocabulary loss; gradients stay local (no backward communication)."""
     kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                   vocab_start=vocab_start, vocab_size=vocab_size)
-    if backend_for("cross_entropy", local_logits.device) == "triton":
+    if backend_for("cross_entropy", local_logits.device, dtype=local_logits.dtype) == "triton":
         return importlib.import_module(_TRITON_VOCAB_PARALLEL_CE).vocab_parallel_cross_entropy(
             local_logits, labels, group, **kwargs)
     return vocab_parallel_cross_entropy_reference(local_logits, labels, group, **kwargs)
