@@ -27,12 +27,15 @@ def cross_entropy_reference(
 
 def cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-    label_smoothing: float = 0.0, reduction: str = "mean",
+    label_smoothing: float = 0.0, reduction: str = "mean", logits_dead: bool = False,
 ) -> torch.Tensor:
+    """``logits_dead=True``: the caller never reads ``logits`` again, so the triton backend writes the gradient
+    over them instead of a second (N, V) buffer (Liger's trick). The torch path ignores it."""
     backend = backend_for("cross_entropy", logits.device, dtype=logits.dtype, shape={"vocab": logits.shape[-1]})
     if backend != "torch":
+        kwargs = {"reuse_logits": True} if logits_dead and backend == "triton" else {}
         return provider("cross_entropy", backend)(
-            logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+            logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction, **kwargs)
     return cross_entropy_reference(logits, labels, ignore_index=ignore_index,
                                    label_smoothing=label_smoothing, reduction=reduction)
 
