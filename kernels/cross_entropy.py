@@ -117,12 +117,21 @@ def launch_ce_rows(logits, labels, grad, loss_rows, lse, scale, *, ignore_index,
     )
 
 
+def defers_scale(dtype: torch.dtype) -> bool:
+    """fp16 gradients are written unscaled and get 1/N in the backward, together with the upstream gradient
+    (which carries the fp16 loss scale): softmax values times 1/N fall below fp16's smallest subnormal (6e-8)
+    once N passes a few thousand tokens, and would be flushed to zero. bf16 and fp32 have the range."""
+    return dtype == torch.float16
+
+
 def cross_entropy_forward(logits, labels, *, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                          compute_grad=True, grad_out=None, block=None):
+                          compute_grad=True, grad_out=None, block=None, defer_scale=False):
     """Host launcher. logits (N, V), labels (N,). Returns (loss, grad (N, V) or None, lse (N,)).
 
-    The gradient is for ``reduction`` with an upstream gradient of 1; ``grad_out`` may be ``logits``
-    itself to overwrite it (saves N×V memory when the caller no longer needs the logits)."""
+    The gradient is for ``reduction`` with an upstream gradient of 1 — or, with ``defer_scale``, for an
+    upstream gradient of 1 and per-row scale 1 (the caller applies the 1/N of 'mean' later; see
+    ``defers_scale``). ``grad_out`` may be ``logits`` itself to overwrite it (saves N×V memory when the
+    caller no longer needs the logits)."""
     check_ce_args("cross_entropy", logits, labels, label_smoothing=label_smoothing, reduction=reduction)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -134,7 +143,8 @@ def cross_entropy_forward(logits, labels, *, ignore_index=-100, label_smoothing=
     grad = None
     if compute_grad:
         grad = grad_out if grad_out is not None else torch.empty_like(logits)
-    launch_ce_rows(logits, labels, grad, loss_rows, lse, scale, ignore_index=ignore_index,
+    write_scale = torch.ones_like(scale) if defer_scale else scale
+    launch_ce_rows(logits, labels, grad, loss_rows, lse, write_scale, ignore_index=ignore_index,
                    label_smoothing=label_smoothing, block=block)
     if reduction == "none":
         loss = loss_rows
@@ -145,8 +155,13 @@ def cross_entropy_forward(logits, labels, *, ignore_index=-100, label_smoothing=
     return loss, grad, lse
 
 
-def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """grad *= upstream gradient (scalar, or per row for reduction='none'), in place."""
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """grad *= upstream gradient (scalar, or per row for reduction='none') [× a deferred 1-element fp32
+    ``scale``], in place. With a deferred scale the factor stays fp32 (a (1,) tensor, so the product is
+    computed in fp32 and rounded once into grad's dtype)."""
+    if scale is not None:
+        factor = grad_output.float().reshape(-1) * scale  # (1,) or (N,)
+        return grad.mul_(factor.unsqueeze(-1) if grad_output.dim() else factor)
     if grad_output.dim() == 0:
         return grad.mul_(grad_output.to(grad.dtype))
     return grad.mul_(grad_output.to(grad.dtype).unsqueeze(-1))
@@ -156,10 +171,17 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, label_smoothing, reduction, reuse_logits):
         compute_grad = ctx.needs_input_grad[0]
+        reuse = reuse_logits and compute_grad and logits.stride(-1) == 1
+        defer = compute_grad and defers_scale(logits.dtype)
         loss, grad, _ = cross_entropy_forward(
             logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
-            compute_grad=compute_grad, grad_out=logits if (reuse_logits and logits.stride(-1) == 1) else None)
+            compute_grad=compute_grad, grad_out=logits if reuse else None, defer_scale=defer)
+        if reuse:
+            # the kernel wrote over the logits behind autograd's back: bump their version so that an op which
+            # saved them for its backward (a softcap, a tanh) raises instead of using the overwritten values
+            torch.autograd.graph.increment_version(logits)
         ctx.grad = grad  # not save_for_backward: it is a buffer we own and scale in place once
+        ctx.deferred = grad_scale(labels, ignore_index, reduction)[1] if defer else None
         return loss
 
     @staticmethod
@@ -168,7 +190,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if grad is None:
             raise RuntimeError("cross_entropy: backward called twice (retain_graph) or without a gradient buffer")
         ctx.grad = None
-        return scale_grad_(grad, grad_output), None, None, None, None, None
+        return scale_grad_(grad, grad_output, ctx.deferred), None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
@@ -176,6 +198,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     """Token cross-entropy over logits (N, V) and labels (N,); loss in fp32.
 
     ``reuse_logits=True`` writes the gradient over ``logits`` (Liger-style, saves N×V memory); only
-    for callers that do not read the logits afterwards. Labels outside [0, V) other than
+    for callers that do not read the logits afterwards (an op that saved them for backward raises).
+    fp16 gradients get the 1/N of 'mean' in the backward (``defers_scale``). Labels outside [0, V) other than
     ``ignore_index`` are not checked (that would need a host sync). One backward per forward."""
     return CrossEntropyFunction.apply(logits, labels, ignore_index, label_smoothing, reduction, reuse_logits)

@@ -11,7 +11,7 @@ import torch
 import triton
 
 from megatrain.triton_kernels._common import check_device, next_pow2
-from megatrain.triton_kernels.cross_entropy import check_ce_args, grad_scale, launch_ce_rows
+from megatrain.triton_kernels.cross_entropy import check_ce_args, defers_scale, grad_scale, launch_ce_rows
 
 
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
@@ -21,11 +21,16 @@ def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
 
 
 def fused_linear_cross_entropy_forward(hidden, weight, labels, bias=None, *, ignore_index=-100, label_smoothing=0.0,
-                                       reduction="mean", chunk_size=None, need_grads=(True, True, True)):
+                                       reduction="mean", chunk_size=None, need_grads=(True, True, True),
+                                       defer_scale=False):
     """Host launcher. hidden (N, H), weight (V, H), bias (V,) or None, labels (N,).
 
-    Returns (loss, d hidden, d weight, d bias), gradients for an upstream gradient of 1 (None where
-    ``need_grads`` = (hidden, weight, bias) says so). dW and db accumulate in fp32."""
+    Returns (loss, d hidden, d weight, d bias, scale), gradients for an upstream gradient of 1 (None where
+    ``need_grads`` = (hidden, weight, bias) says so). dW and db accumulate in fp32. With ``defer_scale``
+    (fp16) the gradients are unscaled, dW and db stay fp32, and the caller multiplies by ``scale``
+    (1-element fp32; 1/N for 'mean') in the backward, so 1/N never flushes fp16 values to zero.
+    Unscaled chunk products are bounded by C·max|h| (|dlogits| ≤ 1), far below fp16's 65504 at the
+    default chunk sizes."""
     check_device("fused_linear_cross_entropy", hidden, weight, bias, labels)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} must be (N, H) and weight "
@@ -39,6 +44,7 @@ def fused_linear_cross_entropy_forward(hidden, weight, labels, bias=None, *, ign
     chunk = chunk_size or default_chunk_size(n_tokens, hidden.shape[1], vocab)
     labels = labels.contiguous()
     n_valid, scale = grad_scale(labels, ignore_index, reduction)
+    write_scale = torch.ones_like(scale) if defer_scale else scale
     need_h, need_w, need_b = need_grads
     need_b = need_b and bias is not None
     loss_rows = torch.empty(n_tokens, device=hidden.device, dtype=torch.float32)
@@ -54,7 +60,7 @@ def fused_linear_cross_entropy_forward(hidden, weight, labels, bias=None, *, ign
         if bias is not None:
             logits_c += bias
         launch_ce_rows(logits_c, labels[start:end], logits_c if any_grad else None, loss_rows[start:end],
-                       lse[start:end], scale, ignore_index=ignore_index, label_smoothing=label_smoothing)
+                       lse[start:end], write_scale, ignore_index=ignore_index, label_smoothing=label_smoothing)
         # logits_c now holds d loss / d logits_c
         if need_h:
             torch.mm(logits_c, weight, out=d_hidden[start:end])  # (C, H)
@@ -68,25 +74,34 @@ def fused_linear_cross_entropy_forward(hidden, weight, labels, bias=None, *, ign
         if need_b:
             d_bias.add_(logits_c.sum(0))
     loss = loss_rows.sum() if reduction == "sum" else loss_rows.sum() / n_valid[0]
+    if defer_scale:  # fp32 dW/db until the backward has scaled them
+        return loss, d_hidden, d_weight, d_bias, scale
     return (loss, d_hidden, d_weight.to(weight.dtype) if need_w else None,
-            d_bias.to(bias.dtype) if need_b else None)
+            d_bias.to(bias.dtype) if need_b else None, None)
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, ignore_index, label_smoothing, reduction, chunk_size):
         need = ctx.needs_input_grad
-        loss, d_h, d_w, d_b = fused_linear_cross_entropy_forward(
+        loss, d_h, d_w, d_b, deferred = fused_linear_cross_entropy_forward(
             hidden, weight, labels, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            reduction=reduction, chunk_size=chunk_size, need_grads=(need[0], need[1], need[3]))
+            reduction=reduction, chunk_size=chunk_size, need_grads=(need[0], need[1], need[3]),
+            defer_scale=defers_scale(hidden.dtype))
         ctx.grads = (d_h, d_w, d_b)
+        ctx.deferred = deferred
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.grads is None:
             raise RuntimeError("fused_linear_cross_entropy: backward called twice (retain_graph is not supported)")
-        d_h, d_w, d_b = (None if g is None else g.mul_(grad_output.to(g.dtype)) for g in ctx.grads)
+        if ctx.deferred is not None:  # fp16: one fp32 factor (upstream × 1/N), rounded once into each dtype
+            factor = grad_output.float().reshape(1) * ctx.deferred  # (1,)
+            d_h, d_w, d_b = (None if g is None else g.mul_(factor).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes))
+        else:
+            d_h, d_w, d_b = (None if g is None else g.mul_(grad_output.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
         return d_h, d_w, None, d_b, None, None, None, None
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from megatrain.distributed import host_collectives as hc
 from megatrain.triton_kernels.cross_entropy import (
     _row_stats, _row_write_grad, check_ce_args, grad_scale, scale_grad_, vocab_block,
 )
@@ -75,9 +76,9 @@ def vocab_parallel_cross_entropy_forward(local_logits, labels, group, *, ignore_
         _vp_stats_kernel[(n_rows,)](local_logits, labels, m, s, x_target, x_sum, local_logits.stride(0), n_cols,
                                     start, BLOCK=block, num_warps=warps)
     m_global = m.clone()
-    dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
+    hc.all_reduce(m_global, op="max", group=group)
     packed = torch.stack([s * torch.exp(m - m_global), x_target, x_sum])  # (3, N): one all-reduce, not three
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    hc.all_reduce(packed, group=group)
     s_global, xt_global, xsum_global = packed.unbind(0)
     lse = m_global + torch.log(s_global)  # (N,) full-vocabulary log-sum-exp
     loss_rows = lse - (1.0 - label_smoothing) * xt_global - label_smoothing * xsum_global / total

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.parallelize.param_spec import spec_of
+from megatrain.distributed import host_collectives as hc
 from megatrain.checkpoint.engine_state import gather_state, optimizer_step_count
 from megatrain.checkpoint.store import (FORMAT, CheckpointError, CheckpointSource, atomic_write_text, commit,
                                         read_manifest, tag_for, verify_file, write_tensors)
@@ -45,7 +46,7 @@ def save_checkpoint(engine, dims, ckpt_dir: str, step: int, state: dict, *, keep
         os.makedirs(ckpt_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    dist.barrier()
+    hc.barrier()
     stage = dims.pp_rank if dims is not None else 0
     writer = dims is None or (dims.tp_rank == 0 and dims.dp_rank == 0)
     model, optim = {}, {}
@@ -63,7 +64,7 @@ def save_checkpoint(engine, dims, ckpt_dir: str, step: int, state: dict, *, keep
         if optim:
             files[f"optim-s{stage}.safetensors"] = write_tensors(os.path.join(tmp, f"optim-s{stage}.safetensors"), optim)
         atomic_write_text(os.path.join(tmp, f"index-s{stage}.json"), json.dumps(files))
-    dist.barrier()
+    hc.barrier()
     if rank == 0:
         files = {}
         for name in sorted(os.listdir(tmp)):
@@ -75,7 +76,7 @@ def save_checkpoint(engine, dims, ckpt_dir: str, step: int, state: dict, *, keep
                     "has_optimizer": with_optimizer, **state, "files": files}
         atomic_write_text(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=1))
         commit(tmp, final, ckpt_dir, keep_last=keep_last)
-    dist.barrier()
+    hc.barrier()
     return final
 
 
@@ -100,9 +101,7 @@ def open_resume(step_dir: str, model_cfg, *, verify: bool = True) -> ResumeSourc
         except CheckpointError as err:
             error = str(err)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        error = hc.broadcast_object(error, src=0)
     if error:
         raise CheckpointError(error)
     manifest = read_manifest(step_dir)

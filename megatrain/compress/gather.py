@@ -6,17 +6,15 @@ on plain tensors. Collective over the tp group: every rank calls it and every ra
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatrain.parallelize.param_spec import logical_name
 from megatrain.distributed.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatrain.distributed import host_collectives as hc
 
 
 def _gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    return torch.cat(hc.all_gather(t.detach(), group=group), dim=dim)
 
 
 @torch.no_grad()
@@ -51,7 +49,6 @@ def engine_state_dict(engine, dims) -> dict[str, torch.Tensor]:
     state = {logical_name(p): value.float().cpu().clone()
              for p, value, _ in gather_state(engine, dims, with_optimizer=False)}
     if dims.pp > 1:  # each stage holds its own blocks (the tied token table is on the first and the last)
-        parts: list = [None] * dims.pp
-        dist.all_gather_object(parts, state, group=dims.pp_group)
+        parts = hc.all_gather_object(state, group=dims.pp_group)
         state = {name: t for part in parts for name, t in part.items()}
     return state

@@ -21,6 +21,7 @@ from torch import nn
 
 from megatrain.compress.units import heads_of
 from megatrain.errors import UserError
+from megatrain.distributed import host_collectives as hc
 
 
 @dataclass
@@ -72,15 +73,13 @@ def _gather_units(local: torch.Tensor, group) -> torch.Tensor:
     """(L, n_local) on each tp rank -> (L, n_local·tp) in rank order (the order of the unsharded tensor)."""
     if group is None or dist.get_world_size(group) == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
+    return torch.cat(hc.all_gather(local, group=group), dim=1)
 
 
 def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         x = x.clone()
-        dist.all_reduce(x, group=group)
+        hc.all_reduce(x, group=group)
     return x
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatrain.distributed import host_collectives as hc
 
 
 def kl_per_token(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float) -> torch.Tensor:
@@ -30,14 +31,14 @@ class _VocabParallelKL(torch.autograd.Function):
         x = torch.stack([student.float(), teacher.detach().float()]) / temperature  # (2, N, V/tp)
         x = x.masked_fill(~valid, float("-inf"))
         gmax = x.max(dim=-1).values  # (2, N)
-        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+        hc.all_reduce(gmax, op="max", group=group)
         shifted = x - gmax.unsqueeze(-1)
         sum_exp = shifted.exp().sum(-1)  # (2, N)
-        dist.all_reduce(sum_exp, group=group)
+        hc.all_reduce(sum_exp, group=group)
         logp = shifted - sum_exp.log().unsqueeze(-1)  # (2, N, V/tp): log p_s, log p_t; -inf on padding
         p = logp.exp()
         local = torch.where(valid, p[1] * (logp[1] - logp[0]), torch.zeros_like(p[1])).sum(-1)  # (N,)
-        dist.all_reduce(local, group=group)
+        hc.all_reduce(local, group=group)
         ctx.save_for_backward(p[0], p[1])
         ctx.temperature, ctx.dtype = temperature, student.dtype
         return local  # (N,) fp32

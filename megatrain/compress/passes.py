@@ -11,7 +11,6 @@ import copy
 import os
 
 import torch
-import torch.distributed as dist
 
 from megatrain.compress.distill import DistillationTask, student_state
 from megatrain.compress.gather import engine_state_dict
@@ -25,6 +24,7 @@ from megatrain.distributed.env import is_main_process
 from megatrain.models.transformer import build_transformer
 from megatrain.train.lm_task import LanguageModelingTask
 from megatrain.errors import UserError
+from megatrain.distributed import host_collectives as hc
 
 
 def with_fields(cfg: Config, **dotted) -> Config:
@@ -158,8 +158,7 @@ def run_prune(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
     if is_main_process():
         save_model(out, model.cpu(), model_cfg, extra={"pruned_from": p.source, "prune": p.model_dump(mode="json")})
         print(write_table(rows, out, "prune"), flush=True)
-    if dist.is_initialized():
-        dist.barrier()
+    hc.barrier()
     return rows
 
 
@@ -190,8 +189,7 @@ def run_distill(cfg: Config, *, local_rank: int | None = None) -> list[dict]:
         save_model(os.path.join(cfg.log.dir, "distilled"), distilled.cpu(), student_cfg,
                    extra={"distilled_from": d.teacher, "teacher_cache": d.teacher_cache, "student_init": d.student})
         print(write_table(rows, cfg.log.dir), flush=True)
-    if dist.is_initialized():
-        dist.barrier()
+    hc.barrier()
     return rows
 
 
@@ -224,13 +222,11 @@ def run_cache_teacher(cfg: Config, *, local_rank: int | None = None) -> str:
                                    value_dtype=d.cache_dtype, num_samples=d.cache_samples,
                                    micro_batch_size=cfg.train.micro_batch_size, rank=rank, world=world,
                                    teacher_info=info, log=lambda m: print(m, flush=True) if rank == 0 else None)
-    if dist.is_initialized():
-        dist.barrier()  # every shard is on disk before the manifest makes the cache visible
+    hc.barrier()  # every shard is on disk before the manifest makes the cache visible
     if is_main_process():
         print(f"teacher cache: {write_manifest(d.teacher_cache, manifest)} ({manifest['num_samples']} samples, "
               f"k={manifest['k']}, T={manifest['temperature']})", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
+    hc.barrier()
     return d.teacher_cache
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 
 from megatrain.weights.sources import load_model, save_model
 from megatrain.compress.measure_task import markdown_task, measure_task
@@ -24,6 +23,7 @@ from megatrain.config.schema import Config, ModelConfig
 from megatrain.distributed.env import is_main_process
 from megatrain.train.tasks import make_task
 from megatrain.errors import UserError
+from megatrain.distributed import host_collectives as hc
 
 
 def _source_model(cfg: Config, task) -> tuple[torch.nn.Module, ModelConfig]:
@@ -77,6 +77,5 @@ def run_prune_channels(cfg: Config, *, local_rank: int | None = None) -> list[di
     if is_main_process():
         save_model(out, model.cpu(), model_cfg, extra={"pruned_from": p.source, "prune": p.model_dump(mode="json")})
         print(write_table(rows, out, "prune", render=markdown_task), flush=True)
-    if dist.is_initialized():
-        dist.barrier()
+    hc.barrier()
     return rows

@@ -24,6 +24,7 @@ from megatrain.compress.units_cnn import resnet_groups
 from megatrain.compress.units_rnn import rnn_groups
 from megatrain.config.schema import ModelConfig, PruneConfig
 from megatrain.errors import UserError
+from megatrain.distributed import host_collectives as hc
 
 
 @dataclass
@@ -81,7 +82,7 @@ def _sum_over(x: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:
         return x
     keys = sorted(x)
     flat = torch.cat([x[k] for k in keys])
-    dist.all_reduce(flat, group=group)
+    hc.all_reduce(flat, group=group)
     return dict(zip(keys, flat.split([x[k].numel() for k in keys])))
 
 

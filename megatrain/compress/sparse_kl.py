@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatrain.distributed import host_collectives as hc
 
 
 def topk_targets(logits: torch.Tensor, *, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,13 +76,13 @@ class _SparseKL(torch.autograd.Function):
         z_sel = torch.where(mine, e.gather(1, col), zeros)  # (N, k)
         m = e.amax(-1)  # (N,)
         if group is not None:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            hc.all_reduce(m, op="max", group=group)
         e.sub_(m[:, None]).exp_()  # (N, Vl): exp(z − m)
         e_sel = torch.where(mine, e.gather(1, col), zeros)
         e.view(-1).index_add_(0, flat, -e_sel.reshape(-1))  # zero the selected entries: e holds the tail
         packed = torch.cat([e.sum(-1)[None], z_sel.t(), e_sel.t()])  # (1 + 2k, N): one all-reduce
         if group is not None:
-            dist.all_reduce(packed, group=group)
+            hc.all_reduce(packed, group=group)
         tail_sum, z_sel, e_sel = packed[0], packed[1:1 + k].t(), packed[1 + k:].t()
         total = tail_sum + e_sel.sum(-1)  # a sum of positives: no cancellation, one pass fewer over (N, Vl)
         lse, lse_tail = m + total.log(), m + tail_sum.log()  # (N,); lse_tail = −inf when the tail is empty
@@ -94,10 +95,10 @@ class _SparseKL(torch.autograd.Function):
             z_fb[torch.nonzero(mine[fb], as_tuple=True)[0], col[fb][mine[fb]]] = float("-inf")  # K out
             tmax = z_fb.amax(-1)
             if group is not None:
-                dist.all_reduce(tmax, op=dist.ReduceOp.MAX, group=group)
+                hc.all_reduce(tmax, op="max", group=group)
             tsum = (z_fb - tmax[:, None]).exp().sum(-1)
             if group is not None:
-                dist.all_reduce(tsum, group=group)
+                hc.all_reduce(tsum, group=group)
             lse_tail[fb] = tmax + tsum.log()
         p = t_logp.exp()  # (N, k + 1)
         kl = (p[:, :k] * (t_logp[:, :k] - (z_sel - lse[:, None]))).sum(-1)

@@ -35,7 +35,8 @@ class ModelConfig(Section):
         None, description="Share input embedding and LM head; None = True for gpt2, False for llama.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal weight init.")
     kernels: Literal["auto", "triton", "cuda", "torch"] = Field(
-        "auto", description="Kernel backend for all ops: auto = fastest available on the device.")
+        "auto", description="Kernel backend for all ops: auto = per op, torch unless a benchmark record for this "
+                            "GPU class under benchmarks/results/ shows the custom kernel faster (docs/kernels.md).")
     kernel_overrides: dict[str, str] = Field(
         default_factory=dict, description="Per-op backend, e.g. {attention: triton, rms_norm: torch}.")
     from_hf: Optional[str] = Field(None, description="Local Hugging Face model directory to initialise from.")
@@ -175,6 +176,10 @@ class TrainConfig(Section):
     l2: float = Field(0.0, ge=0, description="Explicit L2 penalty coefficient added to the loss (coupled).")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    fused_linear_ce: bool = Field(
+        False, description="Language modelling: compute the LM head and the cross-entropy together in token chunks "
+                           "(the Triton fused linear+CE on GPU) so the (tokens, vocab) logits are never held; "
+                           "Transformers with parallel.tp=1, pp=1 and zero_stage<=2.")
     eval_every: int = Field(50, ge=0, description="Validation every N steps; 0 = only at the end.")
     eval_batches: int = Field(8, ge=0, description="Micro-batches per validation pass (per rank); 0 = the whole "
                                                    "validation split.")

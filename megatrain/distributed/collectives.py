@@ -13,20 +13,18 @@ the last (hidden) dimension for tensor parallelism, the sequence dimension for s
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+from megatrain.distributed import host_collectives as hc
 from megatrain.errors import UserError
 
 
 def _size(group) -> int:
-    return dist.get_world_size(group=group)
+    return hc.world_size(group)
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if _size(group) == 1:
         return x
-    x = x.contiguous().clone()
-    dist.all_reduce(x, group=group)
-    return x
+    return hc.all_reduce(x.contiguous().clone(), group=group)
 
 
 def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -36,29 +34,23 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if x.shape[dim] % n:
         raise UserError(f"cannot split dimension {dim} of size {x.shape[dim]} over {n} ranks; "
                          "choose sizes divisible by the tensor-parallel degree")
-    return x.chunk(n, dim=dim)[dist.get_rank(group=group)].contiguous()
+    return x.chunk(n, dim=dim)[hc.rank(group)].contiguous()
 
 
 def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    n = _size(group)
-    if n == 1:
+    if _size(group) == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    return torch.cat(hc.all_gather(x, group=group), dim=dim)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    # gloo has no reduce_scatter: all-reduce then keep our chunk (same result, 2x traffic on CPU only).
-    if _size(group) == 1:
-        return x
-    if dist.get_backend(group) == "gloo":
-        return _split(_all_reduce(x, group), dim, group)
     n = _size(group)
-    parts = [p.contiguous() for p in x.chunk(n, dim=dim)]
-    out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=group)
-    return out
+    if n == 1:
+        return x
+    if x.shape[dim] % n:
+        raise UserError(f"cannot split dimension {dim} of size {x.shape[dim]} over {n} ranks; "
+                         "choose sizes divisible by the tensor-parallel degree")
+    return hc.reduce_scatter([p.contiguous() for p in x.chunk(n, dim=dim)], group=group)
 
 
 class _Copy(torch.autograd.Function):

@@ -14,6 +14,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# On GPU machines the default group gets both backends: NCCL for CUDA tensors and gloo for CPU ones, so a
+# collective handed a host tensor (a statistic, a checkpoint slice) still works instead of failing with
+# "No backend type associated with device type cpu". torch accepts the device:backend list in
+# init_process_group, and DeepSpeed 0.19 passes the string through unchanged (comm/torch.py).
+MIXED_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+def default_backend(cuda_available: bool | None = None) -> str:
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    return MIXED_BACKEND if cuda_available else "gloo"
+
+
 def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed; returns (rank, world_size, local_rank).
 
@@ -34,8 +47,7 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
     if comm_counter.enabled_by_env():
         comm_counter.enable()  # before DeepSpeed binds torch.distributed functions
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=default_backend(), verbose=False)
     lr = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(lr)

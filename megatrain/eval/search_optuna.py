@@ -79,12 +79,8 @@ def _objective(metrics: dict, metric: str) -> float | None:
 
 
 def _broadcast(obj):
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    from megatrain.distributed import host_collectives as hc
+    return hc.broadcast_object(obj, src=0)
 
 
 def run_tpe_trials(cfg: Config, space: dict[str, Any], *, train_fn: TrainFn | None = None,

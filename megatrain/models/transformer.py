@@ -157,10 +157,14 @@ class Transformer(nn.Module):
         if cfg.tied:
             self.head.lm_head.weight = self.embed.wte.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> logits (B, T, V)
+    def forward(self, input_ids: torch.Tensor, *, return_hidden: bool = False) -> torch.Tensor:
+        """(B, T) -> logits (B, T, V); with ``return_hidden`` the final-normed states (B, T, H) that the LM
+        head would project (a fused linear + cross-entropy takes them with ``head.lm_head.weight``)."""
         h = self.embed(input_ids)
         for layer in self.layers:
             h = layer(h)
+        if return_hidden:
+            return self.head.norm(h)
         return self.head(h)
 
     def num_params(self, *, exclude_embeddings: bool = False) -> int:

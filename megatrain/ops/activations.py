@@ -14,7 +14,7 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    backend = backend_for("swiglu", gate.device)
+    backend = backend_for("swiglu", gate.device, dtype=gate.dtype, shape={"ffn": gate.shape[-1]})
     if backend != "torch":
         return provider("swiglu", backend)(gate, up)
     return swiglu_reference(gate, up)

@@ -159,6 +159,14 @@ def _first_device(param_groups: list) -> torch.device:
     return torch.device("cpu")
 
 
+def _first_dtype(param_groups: list) -> torch.dtype | None:
+    for item in param_groups:
+        params = item["params"] if isinstance(item, dict) else item
+        for t in [params] if isinstance(params, torch.Tensor) else params:
+            return t.dtype
+    return None
+
+
 def make_adamw(param_groups, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                offload: bool = False) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay) over ``param_groups``; ``offload`` means the states live on CPU.
@@ -169,8 +177,8 @@ def make_adamw(param_groups, *, lr: float, betas: tuple[float, float], eps: floa
       Under ZeRO offload DeepSpeed swaps the params for its fp32 CPU partitions; the ds_config needs
       ``"zero_force_ds_cpu_optimizer": false`` to accept this optimizer.
     - CUDA params: ``cuda`` -> FusedAdamW (csrc/fused_adam); ``triton`` -> TritonAdamW
-      (kernels/adamw.py); ``auto``/``torch`` -> torch.optim.AdamW(fused=True). Both kernels stay opt-in
-      until their GPU tests have run on a GPU.
+      (kernels/adamw.py); ``torch`` -> torch.optim.AdamW(fused=True); ``auto`` -> torch's fused AdamW unless
+      a benchmark record for this GPU class shows a kernel faster (ops/policy.py).
     """
     config = current_config()
     backend = config.overrides.get("adamw", config.default)
@@ -185,6 +193,9 @@ def make_adamw(param_groups, *, lr: float, betas: tuple[float, float], eps: floa
                 raise UserError(f"model.kernel_overrides.adamw=cuda but the C++ CPU AdamW is unavailable "
                                  f"({extensions._status('cpu_adam').detail}); use auto or torch")
         return torch.optim.AdamW(param_groups, **kw)
+    if backend == "auto":
+        from megatrain.ops.dispatch import explain
+        backend = explain("adamw", device, dtype=_first_dtype(param_groups)).backend
     if backend == "cuda":
         return FusedAdamW(param_groups, **kw)
     if backend == "triton":

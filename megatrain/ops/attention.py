@@ -27,7 +27,14 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
     if q.shape[1] % k.shape[1] != 0:
         raise UserError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
-    backend = backend_for("attention", q.device)
+    backend = backend_for("attention", q.device, dtype=q.dtype, shape={"head_dim": q.shape[-1], "causal": causal})
+    if backend == "triton" and q.dtype == torch.float32 and q.is_cuda:
+        # never the IEEE fp32 Triton path on a GPU, even when asked for: SDPA is several times faster there
+        if ("fp32",) not in _warned:
+            _warned.add(("fp32",))
+            warnings.warn("attention: fp32 inputs run SDPA, not the triton kernel (its fp32 path uses IEEE dots); "
+                          "train in bf16 to use the kernel", stacklevel=2)
+        return attention_reference(q, k, v, causal)
     if backend == "triton":
         kernel = importlib.import_module(_TRITON_ATTENTION)
         if kernel.supports(q, k, v):

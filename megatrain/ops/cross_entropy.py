@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from megatrain.ops.dispatch import backend_for, provider, register
 from megatrain.errors import UserError
+from megatrain.distributed import host_collectives as hc
 
 register("cross_entropy", "triton", "megatrain.triton_kernels.cross_entropy")
 _TRITON_FUSED_LINEAR_CE = "megatrain.triton_kernels.fused_linear_cross_entropy"
@@ -26,12 +27,15 @@ def cross_entropy_reference(
 
 def cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-    label_smoothing: float = 0.0, reduction: str = "mean",
+    label_smoothing: float = 0.0, reduction: str = "mean", logits_dead: bool = False,
 ) -> torch.Tensor:
-    backend = backend_for("cross_entropy", logits.device)
+    """``logits_dead=True``: the caller never reads ``logits`` again, so the triton backend writes the gradient
+    over them instead of a second (N, V) buffer (Liger's trick). The torch path ignores it."""
+    backend = backend_for("cross_entropy", logits.device, dtype=logits.dtype, shape={"vocab": logits.shape[-1]})
     if backend != "torch":
+        kwargs = {"reuse_logits": True} if logits_dead and backend == "triton" else {}
         return provider("cross_entropy", backend)(
-            logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+            logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction, **kwargs)
     return cross_entropy_reference(logits, labels, ignore_index=ignore_index,
                                    label_smoothing=label_smoothing, reduction=reduction)
 
@@ -55,7 +59,7 @@ def fused_linear_cross_entropy(
     reduction is mean or sum (the fused path has no per-token loss)."""
     if reduction not in ("mean", "sum"):
         raise UserError(f"fused_linear_cross_entropy: reduction={reduction!r}; use mean or sum")
-    if backend_for("cross_entropy", hidden.device) == "triton":
+    if backend_for("cross_entropy", hidden.device, dtype=hidden.dtype, shape={"vocab": weight.shape[0]}) == "triton":
         return importlib.import_module(_TRITON_FUSED_LINEAR_CE).fused_linear_cross_entropy(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
             reduction=reduction)
@@ -75,13 +79,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         real = torch.arange(vocab_start, vocab_start + n_local, device=x.device) < vocab_size  # (V_local,)
         x = x.masked_fill(~real, float("-inf"))
         m = x.max(dim=-1).values  # (N,); -inf on a shard that is all padding
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        hc.all_reduce(m, op="max", group=group)
         x = x - m.unsqueeze(-1)  # shifted: exp never overflows; -inf on padding
         local = labels - vocab_start
         in_shard = (local >= 0) & (local < n_local)
         x_target = torch.where(in_shard, x.gather(1, local.clamp(0, n_local - 1).unsqueeze(-1)).squeeze(-1), 0.0)
         packed = torch.stack([x.exp().sum(-1), x_target, x.masked_fill(~real, 0.0).sum(-1)])  # (3, N)
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        hc.all_reduce(packed, group=group)
         sum_exp, x_target, x_sum = packed.unbind(0)
         lse = torch.log(sum_exp)  # shifted by m like x
         valid = labels != ignore_index
@@ -133,7 +137,7 @@ def vocab_parallel_cross_entropy(
     rank gets the same full-vocabulary loss; gradients stay local (no backward communication)."""
     kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                   vocab_start=vocab_start, vocab_size=vocab_size)
-    if backend_for("cross_entropy", local_logits.device) == "triton":
+    if backend_for("cross_entropy", local_logits.device, dtype=local_logits.dtype) == "triton":
         return importlib.import_module(_TRITON_VOCAB_PARALLEL_CE).vocab_parallel_cross_entropy(
             local_logits, labels, group, **kwargs)
     return vocab_parallel_cross_entropy_reference(local_logits, labels, group, **kwargs)

@@ -1,9 +1,11 @@
-"""Which backend runs each op. Process-wide choice, set once from the config."""
+"""Which backend runs each op: the run's KernelPolicy (ops/policy.py), set once from the config.
+
+Models call ``megatrain.ops`` without a policy argument (they are pure architecture), so the policy of the
+run is held here; ``configure`` replaces it, ``current_policy`` returns it."""
 from __future__ import annotations
 
 import functools
 import importlib
-from dataclasses import dataclass, field
 
 import torch
 from megatrain.errors import UserError
@@ -12,13 +14,11 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 OPS = ("attention", "layer_norm", "rms_norm", "cross_entropy", "swiglu", "rope", "adamw")
 
 
-@dataclass
-class KernelConfig:
-    default: str = "auto"
-    overrides: dict[str, str] = field(default_factory=dict)
+from megatrain.ops.policy import Choice, KernelPolicy
 
+KernelConfig = KernelPolicy  # the old name: .default and .overrides are the same fields
 
-_CONFIG = KernelConfig()
+_CONFIG = KernelPolicy()
 # Op name -> backend name -> module that provides it (imported lazily: triton import is slow and
 # absent on some machines; the torch path must never pay for it).
 _PROVIDERS: dict[str, dict[str, str]] = {}
@@ -30,7 +30,8 @@ def register(op: str, backend: str, module: str) -> None:
     _available.cache_clear()
 
 
-def configure(default: str = "auto", overrides: dict[str, str] | None = None) -> None:
+def configure(default: str = "auto", overrides: dict[str, str] | None = None, *, gpu: str | None = None,
+              records_dir: str | None = None) -> KernelPolicy:
     overrides = dict(overrides or {})
     for name, value in [("model.kernels", default)] + [(f"model.kernel_overrides.{k}", v) for k, v in overrides.items()]:
         if value not in BACKENDS:
@@ -38,12 +39,16 @@ def configure(default: str = "auto", overrides: dict[str, str] | None = None) ->
     for op in overrides:
         if op not in OPS:
             raise UserError(f"model.kernel_overrides has unknown op {op!r}; known ops: {', '.join(OPS)}")
-    _CONFIG.default = default
-    _CONFIG.overrides = overrides
-
-
-def current_config() -> KernelConfig:
+    global _CONFIG
+    _CONFIG = KernelPolicy(default=default, overrides=overrides, gpu=gpu, directory=records_dir)
     return _CONFIG
+
+
+def current_config() -> KernelPolicy:
+    return _CONFIG
+
+
+current_policy = current_config
 
 
 def _importable(module: str) -> bool:
@@ -55,7 +60,7 @@ def _importable(module: str) -> bool:
 
 
 def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run ``op`` on ``device``, fastest first; ``torch`` is always last."""
+    """Backends that can run ``op`` on ``device``; ``torch`` is always last (``auto`` decides by records)."""
     return list(_available(op, torch.device(device).type))
 
 
@@ -73,11 +78,24 @@ def _available(op: str, device_type: str) -> tuple[str, ...]:
     return tuple(found) + ("torch",)
 
 
-def backend_for(op: str, device: torch.device | str = "cpu") -> str:
-    wanted = _CONFIG.overrides.get(op, _CONFIG.default)
+def explain(op: str, device: torch.device | str = "cpu", *, dtype=None, shape: dict | None = None) -> Choice:
+    """The backend ``op`` runs on ``device`` at ``dtype``/``shape``, and why."""
+    wanted = _CONFIG.wanted(op)
     available = available_backends(op, device)
     if wanted == "auto":
-        return available[0]
+        if torch.device(device).type != "cuda":
+            return Choice("torch", f"{torch.device(device).type} tensors run the torch path")
+        return _CONFIG.resolve_auto(op, available, dtype=dtype, shape=shape)
+    return Choice(backend_for(op, device, dtype=dtype, shape=shape), f"model.kernels / kernel_overrides = {wanted}")
+
+
+def backend_for(op: str, device: torch.device | str = "cpu", *, dtype=None, shape: dict | None = None) -> str:
+    wanted = _CONFIG.wanted(op)
+    available = available_backends(op, device)
+    if wanted == "auto":
+        if torch.device(device).type != "cuda":
+            return "torch"
+        return _CONFIG.resolve_auto(op, available, dtype=dtype, shape=shape).backend
     if wanted not in available:
         raise UserError(
             f"model.kernels: backend {wanted!r} for op {op!r} is not available on {torch.device(device)} "

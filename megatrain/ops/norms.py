@@ -32,14 +32,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
-    backend = backend_for("layer_norm", x.device)
+    backend = backend_for("layer_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]})
     if backend != "torch":
         return provider("layer_norm", backend)(x, weight, bias, eps)
     return layer_norm_reference(x, weight, bias, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    backend = backend_for("rms_norm", x.device)
+    backend = backend_for("rms_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]})
     if backend != "torch":
         return provider("rms_norm", backend)(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
@@ -51,7 +51,7 @@ def add_layer_norm(
     """(layer_norm(x + residual), x + residual): fused in one kernel on the triton backend.
 
     The new residual keeps ``residual``'s dtype, so an fp32 residual stream stays fp32."""
-    backend = backend_for("layer_norm", x.device)
+    backend = backend_for("layer_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]})
     if backend == "triton":
         return importlib.import_module(_TRITON_LAYER_NORM).add_layer_norm(x, residual, weight, bias, eps)
     h = (x + residual).to(residual.dtype)
@@ -62,7 +62,7 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual): fused in one kernel on the triton backend."""
-    backend = backend_for("rms_norm", x.device)
+    backend = backend_for("rms_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]})
     if backend == "triton":
         return importlib.import_module(_TRITON_RMS_NORM).add_rms_norm(x, residual, weight, eps)
     h = (x + residual).to(residual.dtype)

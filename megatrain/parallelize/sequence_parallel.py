@@ -7,9 +7,9 @@ once they are real, because a hook does not survive replacing a meta parameter.
 """
 from __future__ import annotations
 
-import torch.distributed as dist
 from torch import nn
 
+from megatrain.distributed import host_collectives as hc
 from megatrain.parallelize.param_spec import spec_of, update_spec
 
 
@@ -32,9 +32,7 @@ def register_sequence_parallel_hooks(module: nn.Module) -> int:
         group = spec.sp_grad_group
 
         def hook(g, group=group):
-            g = g.clone()
-            dist.all_reduce(g, group=group)
-            return g
+            return hc.all_reduce(g.clone(), group=group)
 
         p.register_hook(hook)
         update_spec(p, sp_hooked=True)

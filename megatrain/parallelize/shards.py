@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-
+from megatrain.distributed import host_collectives as hc
 from megatrain.parallelize.param_spec import spec_of
 
 
@@ -39,8 +38,7 @@ def gather_logical(local: torch.Tensor, p: torch.Tensor, group, tp_size: int) ->
     dim, _ = _tp_layout(p)
     if dim is None or tp_size == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(tp_size)]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    full = torch.cat(parts, dim=dim)
+    # local may be a CPU copy (engine_state.py): the module stages it on the group's device (NCCL takes CUDA only)
+    full = torch.cat(hc.all_gather(local, group=group), dim=dim)
     true = spec_of(p).logical_shape[dim]
     return full.narrow(dim, 0, true) if full.shape[dim] != true else full

@@ -22,9 +22,19 @@ class LanguageModelingTask:
         self.tp_group = None  # set by configure_parallel when the LM head is vocab-parallel
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = read_vocab_size(cfg.data.path)
+        if cfg.train.fused_linear_ce:
+            if not cfg.model.is_transformer:
+                raise UserError(f"train.fused_linear_ce needs a Transformer (model.arch gpt2 or llama), not "
+                                f"{cfg.model.arch}; set train.fused_linear_ce=false")
+            if cfg.parallel.pp > 1 or cfg.parallel.zero_stage == 3:
+                raise UserError("train.fused_linear_ce needs parallel.pp=1 and parallel.zero_stage<=2 (it reads the "
+                                "LM head weight outside the head's forward); set train.fused_linear_ce=false")
 
     def configure_parallel(self, dims) -> None:
         self.tp_group = dims.tp_group if dims.tp > 1 else None
+        if self.cfg.train.fused_linear_ce and dims.tp > 1:
+            raise UserError("train.fused_linear_ce needs parallel.tp=1 (with tp>1 the vocab-parallel CE already "
+                            "keeps only V/tp logits per rank); set train.fused_linear_ce=false")
 
     def build_model(self) -> nn.Module:
         if self.cfg.model.is_transformer:
@@ -58,10 +68,23 @@ class LanguageModelingTask:
         return PackedTokenDataset(data_path, "val", self.cfg.seq_len)
 
     def loss_and_stats(self, model, batch):
+        if self.cfg.train.fused_linear_ce:
+            return self._fused_loss_and_stats(model, batch)
         logits = model(batch["input_ids"])  # (B, T, V)
-        return self.loss_from_logits(logits, batch)
+        return self.loss_from_logits(logits, batch, logits_dead=True)  # nothing reads them after the loss
 
-    def loss_from_logits(self, logits: torch.Tensor, batch: dict):
+    def _fused_loss_and_stats(self, model, batch):
+        hidden = model(batch["input_ids"], return_hidden=True)  # (B, T, H), through the engine's forward
+        weight = getattr(model, "module", model).head.lm_head.weight  # (V, H); tied: the token table
+        labels = batch["labels"].reshape(-1)
+        count = (labels != -100).sum()
+        from megatrain.ops.cross_entropy import fused_linear_cross_entropy
+        loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels,
+                                              label_smoothing=self.cfg.train.label_smoothing)
+        return loss, {"loss_sum": loss.detach().float() * count, "count": count.float()}
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: dict, *, logits_dead: bool = False):
+        """Mean token CE; ``logits_dead``: the caller drops the logits after this (the kernel may overwrite them)."""
         labels = batch["labels"]  # (B, T)
         flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         count = (flat_labels != -100).sum()
@@ -72,7 +95,8 @@ class LanguageModelingTask:
                                                      label_smoothing=self.cfg.train.label_smoothing)
             loss = per_token.sum() / count.clamp_min(1)
         else:
-            loss = ops.cross_entropy(flat_logits, flat_labels, label_smoothing=self.cfg.train.label_smoothing)
+            loss = ops.cross_entropy(flat_logits, flat_labels, label_smoothing=self.cfg.train.label_smoothing,
+                                     logits_dead=logits_dead)
         stats = {"loss_sum": loss.detach().float() * count, "count": count.float()}
         return loss, stats
 

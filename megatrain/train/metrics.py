@@ -15,6 +15,7 @@ import math
 import torch
 import torch.distributed as dist
 from megatrain.errors import UserError
+from megatrain.distributed import host_collectives as hc
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -90,7 +91,7 @@ def all_reduce_stats(stats: dict[str, torch.Tensor], group: dist.ProcessGroup | 
     ref = stats[keys[0]]
     device = ref.device
     flat = torch.cat([stats[k].detach().reshape(-1).to(device=device, dtype=torch.float64) for k in keys])  # (S,)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    hc.all_reduce(flat, group=group)
     out, offset = {}, 0
     for k in keys:
         v = stats[k]

@@ -11,7 +11,6 @@ import time
 import zlib
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import default_collate
 
 from megatrain.config import Config, to_deepspeed
@@ -25,6 +24,7 @@ from megatrain.train.logging import RunLogger
 from megatrain.train.regularization import param_groups, penalty
 from megatrain.train.schedules import lr_multiplier
 from megatrain.errors import UserError
+from megatrain.distributed import host_collectives as hc
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -176,7 +176,8 @@ class Trainer:
         """Sum statistics over ``group`` in one collective (counts, not averages, are summed)."""
         keys = sorted(stats)
         flat = torch.cat([stats[k].double().reshape(-1) for k in keys])  # fp64: exact counts past 2^24 tokens
-        dist.all_reduce(flat, group=group)
+        hc.all_reduce(flat, group=group)
+        flat = flat.cpu()  # the step's one host sync: the logged values
         out, i = {}, 0
         for k in keys:
             n = stats[k].numel()
@@ -187,7 +188,7 @@ class Trainer:
     @staticmethod
     def _add(total: dict, stats: dict) -> dict:
         for k, v in stats.items():
-            v = v.detach().float().cpu()
+            v = v.detach().float()  # stays on the device: no host sync per micro-batch
             total[k] = total[k] + v if k in total else v
         return total
 
@@ -246,7 +247,7 @@ class Trainer:
             return
         for buf in self.engine.module.buffers():
             if buf.is_floating_point() and buf.numel():
-                dist.all_reduce(buf, group=self.dims.dp_group)
+                hc.all_reduce(buf, group=self.dims.dp_group)
                 buf.div_(self.dims.dp)
 
     @torch.no_grad()
@@ -314,7 +315,7 @@ class Trainer:
             cfg, state = load_model_state(step_dir)
             out = save_state_pretrained(state, cfg.model, self.cfg.checkpoint.export_hf)
             print(f"exported Hugging Face model: {out}", flush=True)
-        dist.barrier()
+        hc.barrier()
 
     def run(self) -> dict[str, float]:
         cfg = self.cfg

@@ -62,7 +62,7 @@ def test_ops_dispatch_falls_back_for_unsupported_head_dim(monkeypatch):
 
     ops_attention = sys.modules["megatrain.ops.attention"]  # the package re-exports a function of that name
     q = torch.randn(1, 2, 5, 40, device=DEVICE)
-    monkeypatch.setattr(ops_attention, "backend_for", lambda op, device: "triton")
+    monkeypatch.setattr(ops_attention, "backend_for", lambda op, device, **kw: "triton")
     with pytest.warns(UserWarning, match="head dim 40"):
         out = ops_attention.attention(q, q, q, causal=True)
     torch.testing.assert_close(out, attention_reference(q, q, q, True))

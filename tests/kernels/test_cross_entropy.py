@@ -203,3 +203,128 @@ def test_ops_wiring_reaches_kernel(monkeypatch):
     torch.testing.assert_close(got, fused_linear_cross_entropy_reference(h, w, labels), rtol=1e-5, atol=1e-6)
     monkeypatch.undo()
     torch.testing.assert_close(torch_path.fused_linear_cross_entropy(h, w, labels), got, rtol=1e-5, atol=1e-6)
+
+
+# ---- memory and fp16 (issue: no second N×V buffer when the logits are dead; 1/N never flushes fp16) -----
+
+def test_dead_logits_receive_their_own_gradient(monkeypatch):
+    """Through ops.cross_entropy(logits_dead=True) the gradient handed back is the logits' own storage:
+    no second (N, V) buffer is allocated. Values equal the reference gradient."""
+    from tests.kernels.conftest import force_triton
+
+    ce = force_triton(monkeypatch, "cross_entropy")
+    n, v = 11, 70
+    x = torch.randn(n, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(v, 5, device=DEVICE)
+    labels = _labels(n, v).to(DEVICE)
+    logits = x @ w.t()  # (N, V), dead after the loss: matmul saves its inputs, not its output
+    ptr = logits.data_ptr()
+    seen = []
+    logits.register_hook(lambda g: seen.append(g.data_ptr()))
+    ce.cross_entropy(logits, labels, logits_dead=True).backward()
+    assert seen == [ptr]
+    x_ref = x.detach().clone().requires_grad_()
+    cross_entropy_reference(x_ref @ w.t(), labels).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    # without the flag the logits keep their values and the gradient is a separate buffer
+    logits2 = x.detach() @ w.t()
+    logits2.requires_grad_()
+    before = logits2.detach().clone()
+    ce.cross_entropy(logits2, labels).backward()
+    assert logits2.grad.data_ptr() != logits2.data_ptr() and torch.equal(logits2.detach(), before)
+
+
+def test_overwriting_logits_another_op_saved_raises():
+    """exp() saves its output for backward; writing the gradient over it must fail loudly, not corrupt."""
+    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    logits = x.exp()
+    loss = cross_entropy(logits, _labels(6, 40).to(DEVICE), reuse_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_fp16_mean_scale_does_not_flush_small_gradients():
+    """N=256 rows whose small softmax entries are ~1e-5: times 1/N that is ~4e-8, under fp16's smallest
+    subnormal (6e-8). The scale is applied in the backward together with the upstream gradient (a loss
+    scale of 1024 here), so those entries survive with fp16 rounding only."""
+    n, v = 256, 16
+    base = torch.zeros(n, v)
+    base[:, 0] = 11.5  # softmax(others) ≈ e^-11.5 ≈ 1e-5
+    logits = (base + 0.01 * torch.randn(n, v)).to(DEVICE)
+    labels = torch.zeros(n, dtype=torch.long, device=DEVICE)
+    x16 = logits.half().requires_grad_()
+    cross_entropy(x16, labels).backward(torch.tensor(1024.0, device=DEVICE))
+    x64 = logits.double().cpu().requires_grad_()
+    cross_entropy_reference(x64, labels.cpu()).backward(torch.tensor(1024.0, dtype=torch.float64))
+    small = x64.grad[:, 1:]  # ≈ 1024 · 1e-5 / 256 ≈ 4e-5
+    got = x16.grad[:, 1:].double().cpu()
+    assert (got != 0).all(), "small gradients were flushed to zero"
+    rel = ((got - small).abs() / small.abs()).max().item()
+    assert rel < 2e-2, f"relative error {rel:.3g}"
+
+
+def test_fp16_fused_linear_ce_keeps_small_gradients():
+    from megatrain.triton_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    from megatrain.ops.cross_entropy import fused_linear_cross_entropy_reference
+
+    n, hid, v = 256, 4, 16
+    h = torch.zeros(n, hid)
+    h[:, 0] = 1.0
+    w = 0.01 * torch.randn(v, hid)
+    w[0, 0] = 11.5  # logit 11.5 on class 0, ~0 elsewhere: small softmax entries ≈ 1e-5
+    labels = torch.zeros(n, dtype=torch.long)
+    h16, w16 = h.half().to(DEVICE).requires_grad_(), w.half().to(DEVICE).requires_grad_()
+    fused_linear_cross_entropy(h16, w16, labels.to(DEVICE), chunk_size=64).backward(
+        torch.tensor(1024.0, device=DEVICE))
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    fused_linear_cross_entropy_reference(h64, w64, labels).backward(torch.tensor(1024.0, dtype=torch.float64))
+    for name, got, ref in (("dW", w16.grad, w64.grad), ("dh", h16.grad, h64.grad)):
+        got = got.double().cpu()
+        assert torch.allclose(got, ref, rtol=3e-2, atol=1e-6), f"{name}: max diff {(got - ref).abs().max():.3g}"
+    assert (w16.grad[1:, 0] != 0).all(), "dW rows of the small classes were flushed to zero"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lm_task_fused_linear_ce_equals_unfused(monkeypatch, arch):
+    """train.fused_linear_ce=true: the LM task's loss and every parameter gradient equal the unfused path's
+    (logits + CE), with both cross-entropies on the Triton kernels (interpreter, fp32)."""
+    from tests.conftest import TINY_MODELS
+    from tests.kernels.conftest import force_triton
+
+    from megatrain.config import build_config
+    from megatrain.models.transformer import build_transformer
+    from megatrain.train.lm_task import LanguageModelingTask
+
+    force_triton(monkeypatch, "cross_entropy")
+    tree = {"model": {**TINY_MODELS[arch], "vocab_size": 97}, "data": {"path": "unused"}}
+    losses, grads = {}, {}
+    for fused in (False, True):
+        cfg = build_config(tree, {"train.fused_linear_ce": fused, "train.label_smoothing": 0.05})
+        task = LanguageModelingTask(cfg)
+        model = build_transformer(cfg.model, seed=3).to(DEVICE)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 97, (2, 9), generator=g)
+        labels = torch.randint(0, 97, (2, 9), generator=g)
+        labels[0, :3] = -100
+        loss, stats = task.loss_and_stats(model, {"input_ids": ids.to(DEVICE), "labels": labels.to(DEVICE)})
+        loss.backward()
+        losses[fused] = (loss.detach(), stats["count"])
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(losses[True][0], losses[False][0], rtol=1e-5, atol=1e-6)
+    assert losses[True][1] == losses[False][1] == 15
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_linear_ce_refuses_layouts_it_cannot_serve():
+    from megatrain.config import build_config
+    from megatrain.errors import UserError
+    from megatrain.train.lm_task import LanguageModelingTask
+
+    tree = {"model": {"arch": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 50},
+            "data": {"path": "unused"}}
+    with pytest.raises(UserError, match="train.fused_linear_ce needs parallel.pp=1"):
+        LanguageModelingTask(build_config(tree, {"train.fused_linear_ce": True, "parallel.zero_stage": 3}))
+    with pytest.raises(UserError, match="train.fused_linear_ce needs a Transformer"):
+        LanguageModelingTask(build_config({**tree, "model": {"arch": "lstm", "vocab_size": 50}},
+                                          {"train.fused_linear_ce": True}))
