@@ -81,7 +81,7 @@ def test_bias_tensors_without_attention_bias_refused(tmp_path):
 def test_missing_tensor_refused(tmp_path):
     tiny("mistral").save_pretrained(tmp_path / "hf")
     _edit(tmp_path / "hf", model_type="qwen2", architectures=["Qwen2ForCausalLM"])  # qwen2 expects biases
-    with pytest.raises(CheckpointError, match=r"q_proj\.bias' not found"):
+    with pytest.raises(CheckpointError, match=r"_proj\.bias' not found in the checkpoint"):
         hf.from_pretrained(str(tmp_path / "hf"))
 
 
