@@ -55,6 +55,12 @@ def model_config_from_hf(path: str, base: ModelConfig | None = None, *, explicit
     return ModelConfig.model_validate(data)
 
 
+def cli_model_fields(argv: list[str], model: ModelConfig) -> dict:
+    """{field: validated value} of the ``--model.<field>`` overrides in ``argv``."""
+    keys = {a[len("--model."):].split("=", 1)[0] for a in argv if a.startswith("--model.")}
+    return {k: getattr(model, k) for k in keys if k in ModelConfig.model_fields}
+
+
 class HFSource:
     """Full megatrain tensors computed from the HF tensors of a local directory, one at a time."""
 

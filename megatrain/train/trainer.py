@@ -40,6 +40,9 @@ class Trainer:
         # layout fails on every rank at once with the same one-line reason, not as a collective hang.
         launched_world = int(os.environ.get("WORLD_SIZE", "1"))
         resolve_layout(cfg, launched_world)
+        if cfg.checkpoint.export_hf:  # a non-empty target is refused now, not after the training it would end
+            from megatrain.interop.export import check_export_target
+            check_export_target(cfg.checkpoint.export_hf, overwrite=cfg.checkpoint.export_overwrite)
         if cfg.plan.gpu_memory_gib:  # likewise a layout predicted not to fit: refused before any GPU is touched
             from megatrain.plan import check_fits, with_vocab
             check_fits(with_vocab(cfg), world_size=launched_world)
@@ -316,7 +319,10 @@ class Trainer:
             from megatrain.checkpoint.layout_free import load_model_state
             from megatrain.interop.hf import save_state_pretrained
             cfg, state = load_model_state(step_dir)
-            out = save_state_pretrained(state, cfg.model, self.cfg.checkpoint.export_hf)
+            ck = self.cfg.checkpoint
+            out = save_state_pretrained(state, cfg.model, ck.export_hf, dtype=ck.export_dtype,
+                                        overwrite=ck.export_overwrite,
+                                        tokenizer=self.cfg.data.path if cfg.model.is_transformer else None)
             print(f"exported Hugging Face model: {out}", flush=True)
         dist.barrier()
 
