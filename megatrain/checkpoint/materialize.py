@@ -40,6 +40,8 @@ def _row_shard(source, p, name: str, tp_rank: int, tp_size: int) -> torch.Tensor
     if tp_size == 1 or getattr(p, "tp_dim", None) != 0 or not hasattr(source, "rows"):
         return None
     logical = tuple(getattr(p, "logical_shape", p.shape))
+    rep = getattr(p, "tp_replicas", 1)
+    tp_rank, tp_size = tp_rank // rep, tp_size // rep
     per = (getattr(p, "tp_padded", None) or logical[0]) // tp_size
     part = source.rows(name, tp_rank * per, (tp_rank + 1) * per)
     if part is None:

@@ -3,7 +3,8 @@
 Every parameter is tagged at build time with the name it has in the plain, unsharded model
 (``logical_name``) and its full shape (``logical_shape``); tensor-parallel layers add the dimension they
 split (``tp_dim``) and the padded size of that dimension (``tp_padded``, for vocabularies tp does not
-divide). With these tags any layout can turn a local shard into the logical tensor and back, which is what
+divide); ``tp_replicas`` > 1 means that many consecutive tp ranks hold the same slice (kv heads replicated
+when tp exceeds their count). With these tags any layout can turn a local shard into the logical tensor and back, which is what
 makes checkpoints layout-free.
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ def shard_of(full: torch.Tensor, p: torch.Tensor, tp_rank: int, tp_size: int) ->
     dim = getattr(p, "tp_dim", None)
     if dim is None or tp_size == 1:
         return full
+    rep = getattr(p, "tp_replicas", 1)
+    tp_rank, tp_size = tp_rank // rep, tp_size // rep
     padded = getattr(p, "tp_padded", None) or full.shape[dim]
     per = padded // tp_size
     start, stop = tp_rank * per, (tp_rank + 1) * per
@@ -58,6 +61,6 @@ def gather_logical(local: torch.Tensor, p: torch.Tensor, group, tp_size: int) ->
         return local
     parts = [torch.empty_like(local) for _ in range(tp_size)]
     dist.all_gather(parts, local.contiguous(), group=group)
-    full = torch.cat(parts, dim=dim)
+    full = torch.cat(parts[::getattr(p, "tp_replicas", 1)], dim=dim)  # one copy of each replicated slice
     true = p.logical_shape[dim]
     return full.narrow(dim, 0, true) if full.shape[dim] != true else full

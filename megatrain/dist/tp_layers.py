@@ -35,9 +35,33 @@ def mark_sequence_parallel_grads(params, group) -> None:
             p.sp_grad_group = group
 
 
+def mark_replicated_grads(params, group, replicas: int) -> None:
+    """Parameters whose slice is held by ``replicas`` consecutive ranks of ``group`` (kv heads when tp exceeds
+    them): each copy's gradient covers only its rank's query heads, so the copies' gradients are summed
+    (and the copies stay equal). Hooked with the sequence-parallel ones."""
+    for p in params:
+        if p is not None:
+            p.tp_replica_grad = (group, replicas)
+
+
+def _replica_sum(g: torch.Tensor, group, replicas: int) -> torch.Tensor:
+    # all_reduce over the whole tp group of a buffer with one slot per distinct slice: ranks holding the
+    # same slice add into the same slot. No subgroups, so no process group has to be created for this.
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    buf = g.new_zeros((n // replicas,) + tuple(g.shape))
+    buf[r // replicas] = g
+    dist.all_reduce(buf, group=group)
+    return buf[r // replicas]
+
+
 def register_sequence_parallel_hooks(module: nn.Module) -> int:
     n = 0
     for p in module.parameters():
+        replica = getattr(p, "tp_replica_grad", None)
+        if replica is not None and p.requires_grad and not getattr(p, "_replica_hooked", False):
+            p.register_hook(lambda g, replica=replica: _replica_sum(g, *replica))
+            p._replica_hooked = True
+            n += 1
         group = getattr(p, "sp_grad_group", None)
         if group is None or not p.requires_grad or getattr(p, "_sp_hooked", False):
             continue
