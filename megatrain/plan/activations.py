@@ -94,7 +94,8 @@ def _activation_bytes(model_json: str, micro_batch: int, seq_len: int, tp: int, 
         mod.register_forward_pre_hook(lambda _m, _a, n=name: region.append(n))  # hooks must return None:
         mod.register_forward_hook(lambda _m, _a, _o: region.pop() and None)  # a value would replace the output
     real_attention = ops.attention
-    def stand_in(q, k, v, causal=True):
+    def stand_in(q, k, v, causal=True, window=None):  # counts the fused kernel; a window < T runs the
+        # masked torch reference, which also keeps the (T, T) scores: the plan is low for such runs
         if repeat_kv and q.shape[1] != k.shape[1]:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
         return _FlashLikeAttention.apply(q, k, v)

@@ -31,9 +31,12 @@ class StageParams:
 
 
 def meta_model(m: ModelConfig):
+    """The model of ``m``'s family (model registry), on the meta device."""
+    from megatrain.models.registry import SPECS
     from megatrain.models.transformer import build_transformer
+    build = SPECS[m.hf_family].build if m.hf_family in SPECS else build_transformer
     with torch.device("meta"):
-        return build_transformer(m, seed=0)
+        return build(m, seed=0)
 
 
 def _tp_share(name: str, numel: int, shape, m: ModelConfig, tp: int) -> int:
