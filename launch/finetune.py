@@ -1,11 +1,12 @@
-"""Fine-tune a local Hugging Face GPT-2/Llama checkpoint on your JSONL/text data, under any layout.
+"""Fine-tune a local Hugging Face checkpoint (gpt2, llama, mistral, qwen2, qwen3) on your JSONL/text data, under any layout.
 
     deepspeed --num_gpus 8 launch/finetune.py --config recipes/finetune_llama.yaml \\
         --model.from_hf=/models/llama-1b --data.sources='[/data/chat.jsonl]' --parallel.tp=2 \\
         --checkpoint.export_hf=out/llama-1b-ft
 
-The model's architecture comes from the directory's config.json; the tokenizer defaults to the one in it.
-Each rank reads only the weight slices it owns (meta-device construction + safetensors slices)."""
+The model's architecture comes from the directory's config.json (a conflicting --model.* override is refused);
+the tokenizer defaults to the one in it. Everything is checked (config.json, tensors, the export target) before
+data preparation. Each rank reads only the weight slices it owns (meta-device construction + safetensors slices)."""
 import os
 import sys
 
@@ -20,9 +21,14 @@ def main(argv=None):
     if not cfg.model.from_hf:
         fail(ValueError("model.from_hf is not set; pass --model.from_hf=/path/to/hf_model_dir"))
     from megatrain.data.prepare import prepare_corpus
-    from megatrain.interop.hf import model_config_from_hf
+    from megatrain.interop.export import check_export_target
+    from megatrain.interop.hf import HFSource, cli_model_fields, model_config_from_hf
     try:
-        cfg.model = model_config_from_hf(cfg.model.from_hf, base=cfg.model)
+        explicit = cli_model_fields(sys.argv[1:] if argv is None else argv, cfg.model)
+        cfg.model = model_config_from_hf(cfg.model.from_hf, base=cfg.model, explicit=explicit)
+        HFSource(cfg.model.from_hf, cfg.model)  # every tensor accounted for, before any data work
+        if cfg.checkpoint.export_hf:
+            check_export_target(cfg.checkpoint.export_hf, overwrite=cfg.checkpoint.export_overwrite)
         if cfg.data.tokenizer is None:
             cfg.data.tokenizer = cfg.model.from_hf
         prepare_corpus(cfg.data, seed=cfg.train.seed)  # idempotent; concurrent ranks wait on its lock

@@ -2,7 +2,8 @@
 
 Prints the predicted memory of every pipeline stage's ranks, from the config alone (no process group, no GPU),
 and exits 2 with one line when the peak exceeds plan.gpu_memory_gib, naming a layout that fits. `--propose K`
-lists the K cheapest layouts of the world size that fit. Any config field can be overridden as for training."""
+lists the K cheapest layouts of the world size that fit. Any config field can be overridden as for training.
+With --model.from_hf=DIR the model planned is that directory's (its config.json), as finetune would build it."""
 import os
 import sys
 
@@ -19,6 +20,10 @@ def main(argv=None):
     from megatrain.plan.report import describe, layout_table, stage_table
     world = planned_world_size(cfg)
     try:
+        if cfg.model.from_hf:
+            from megatrain.interop.hf import cli_model_fields, model_config_from_hf
+            explicit = cli_model_fields(sys.argv[1:] if argv is None else argv, cfg.model)
+            cfg.model = model_config_from_hf(cfg.model.from_hf, base=cfg.model, explicit=explicit)
         cfg = with_vocab(cfg)
         rows = plan_memory(cfg, world_size=world)
         print(describe(cfg, world))

@@ -30,7 +30,23 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention output and MLP output.")
     norm_eps: float = Field(1e-5, gt=0, description="LayerNorm/RMSNorm epsilon.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base (llama).")
-    rope_scaling: Optional[dict] = Field(None, description="HF-style rope_scaling dict (linear or llama3); llama only.")
+    rope_scaling: Optional[dict] = Field(
+        None, description="HF-style rope_scaling dict (rope_type linear, llama3 or yarn); llama only.")
+    family: Optional[Literal["gpt2", "llama", "mistral", "qwen2", "qwen3"]] = Field(
+        None, description="Hugging Face model family (the model spec in megatrain/models/registry.py) used for "
+                          "import and export; None = arch. Set from config.json by model.from_hf.")
+    qkv_bias: bool = Field(False, description="Biases on the q/k/v projections (qwen2); gpt2 always has them.")
+    qk_norm: bool = Field(False, description="RMSNorm over each query and key head before RoPE (qwen3).")
+    sliding_window: Optional[int] = Field(
+        None, gt=0, description="Each token attends to at most this many tokens, itself included (mistral); "
+                                "None = full causal attention.")
+    activation: Optional[Literal["gelu_tanh", "gelu", "relu", "silu"]] = Field(
+        None, description="MLP activation (llama: of the gate); None = gelu_tanh for gpt2, silu for llama.")
+    hf_special: dict = Field(
+        default_factory=dict, description="bos/eos/pad token ids read from the Hugging Face directory, written back "
+                                          "on export (set by model.from_hf).")
+    hf_dtype: Optional[str] = Field(
+        None, description="dtype of the Hugging Face source weights (set by model.from_hf); the export default.")
     tie_embeddings: Optional[bool] = Field(
         None, description="Share input embedding and LM head; None = True for gpt2, False for llama.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal weight init.")
@@ -63,6 +79,14 @@ class ModelConfig(Section):
     @property
     def is_transformer(self) -> bool:
         return self.arch in ("gpt2", "llama")
+
+    @property
+    def mlp_activation(self) -> str:
+        return self.activation or ("gelu_tanh" if self.arch == "gpt2" else "silu")
+
+    @property
+    def hf_family(self) -> str:
+        return self.family or self.arch
 
     @property
     def kv_heads(self) -> int:
@@ -107,6 +131,11 @@ class ModelConfig(Section):
                                  f"{self.kv_heads}; choose num_kv_heads dividing num_heads")
             if self.arch == "llama" and self.attn_head_dim % 2:
                 raise ValueError(f"model: head_dim={self.attn_head_dim} must be even for RoPE; change hidden_size/num_heads")
+            if self.rope_scaling:
+                kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+                if kind not in ("default", "linear", "llama3", "yarn"):
+                    raise ValueError(f"model.rope_scaling: rope_type {kind!r} is not supported; megatrain computes "
+                                     "default, linear, llama3 and yarn RoPE")
         if self.init_from and self.from_hf:
             raise ValueError("model.init_from and model.from_hf are both set; choose one weights source")
         if self.inner_widths is not None and (len(self.inner_widths) != len(self.widths)
@@ -194,7 +223,14 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, gt=0, description="Checkpoints kept; the newest good one is never deleted.")
     resume: str = Field("none", description="'none', 'auto' (latest in dir if any), or a checkpoint path.")
     save_final: bool = Field(True, description="Save when training finishes.")
-    export_hf: Optional[str] = Field(None, description="Write a Hugging Face model directory here at the end.")
+    export_hf: Optional[str] = Field(
+        None, description="Write a Hugging Face model directory here at the end (weights, config.json, "
+                          "generation_config.json and the tokenizer files of the prepared data).")
+    export_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
+        None, description="dtype of the exported weights; None = the source model's dtype (model.from_hf), else float32.")
+    export_overwrite: bool = Field(
+        False, description="Allow export_hf to point at a non-empty directory; only its model files (weights, "
+                           "config.json, generation_config.json, tokenizer files) are replaced, others are kept.")
     reset_optimizer: bool = Field(False, description="On resume, keep weights but start fresh optimizer state (continual).")
     reset_schedule: bool = Field(False, description="On resume, restart the LR schedule and step count (continual).")
 

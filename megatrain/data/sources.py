@@ -1,7 +1,8 @@
 """Source enumeration: ``data.sources`` entries → a lazy, deterministic stream of raw documents.
 
 An entry is a text file (one document), a folder (every text-like file below it, sorted), a ``.jsonl``
-file (one document per line, field ``text``) or ``stdlib`` (the CPython standard-library ``.py`` files).
+file (one document per line, field ``text``; a ``.json`` file whose first line is a whole JSON object is read
+the same way) or ``stdlib`` (the CPython standard-library ``.py`` files).
 
 Files (and .jsonl lines) that are not valid UTF-8 are skipped, counted, and reported once as a warning (with the first
 few paths); a corpus that ends up empty says how many were skipped. Binary files inside folders
@@ -91,7 +92,7 @@ def _walk(root: str, only_ext: str | None = None) -> Iterator[str]:
 
 def _iter_files(paths, stats: SourceStats, *, sniff: bool) -> Iterator[tuple[str, str]]:
     for path in paths:
-        if path.lower().endswith(".jsonl"):
+        if path.lower().endswith(".jsonl") or (path.lower().endswith(".json") and _is_json_lines(path)):
             stats.files_read += 1
             yield from _iter_jsonl(path, stats)
             continue
@@ -110,6 +111,19 @@ def _iter_files(paths, stats: SourceStats, *, sniff: bool) -> Iterator[tuple[str
             continue
         stats.files_read += 1
         yield path, text
+
+
+def _is_json_lines(path: str) -> bool:
+    """A ``.json`` whose first non-blank line is a whole JSON object is JSON-lines (many datasets are
+    published so); anything else (one pretty-printed document) stays one raw-text document."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    return isinstance(json.loads(raw.decode("utf-8-sig")), dict)
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    return False
+    return False
 
 
 def _iter_jsonl(path: str, stats: SourceStats) -> Iterator[tuple[str, str]]:

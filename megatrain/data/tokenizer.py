@@ -83,10 +83,28 @@ class HFTokenizer(Tokenizer):
         self.eos_id = int(eos)
         self.bos_id = self.tok.bos_token_id
         self.pad_id = self.tok.pad_token_id
+        self.prefix, self.suffix = self._specials_added()
+
+    def _specials_added(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer's own ``__call__`` puts before and after a text (Llama: BOS; Qwen: none;
+        some: EOS too), found by comparing one probe with and without special tokens."""
+        probe = "Hello world"
+        plain = self.tok(probe, add_special_tokens=False)["input_ids"]
+        full = self.tok(probe)["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return list(full[:start]), list(full[start + len(plain):])
+        raise DataError(f"data.tokenizer={self.path}: special tokens are added inside the text, not around it; "
+                        "megatrain cannot reproduce that tokenizer's __call__")
 
     def encode(self, text: str) -> list[int]:
-        # add_special_tokens=False: prepare inserts EOS itself, exactly once per document.
-        return self.tok.encode(text, add_special_tokens=False)
+        """Ids as ``tokenizer(text)`` gives them, minus a final EOS: prepare appends EOS to every document
+        itself, so a tokenizer that adds none still gets its documents separated."""
+        suffix = self.suffix[:-1] if self.suffix[-1:] == [self.eos_id] else self.suffix
+        return self.prefix + self.tok.encode(text, add_special_tokens=False) + suffix
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False,

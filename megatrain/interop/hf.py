@@ -1,25 +1,30 @@
-"""Hugging Face interop: local GPT-2 / Llama directories (safetensors, sharded or not) in and out.
+"""Hugging Face interop: local directories of any registry family (safetensors, sharded or not) in and out.
 
     model = megatrain.interop.hf.from_pretrained("/path/to/hf_dir")    # unsharded megatrain model, CPU
     logits = model(input_ids)                                          # (B, T, V)
     megatrain.interop.hf.save_pretrained(model, "/path/to/out")        # loads in transformers
 
 Training reads HF weights through :class:`HFSource`, which hands over one logical tensor at a time so each
-rank keeps only its shard (``--model.from_hf=DIR``).
+rank keeps only its shard (``--model.from_hf=DIR``). Import is strict: every config.json field that changes
+the computation and every tensor of the checkpoint is used, or refused in one line naming it.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 
 from megatrain.config.schema import ModelConfig
-from megatrain.interop.hf_maps import from_hf_map, hf_config_from_model, model_fields_from_hf, to_hf_state
-from megatrain.errors import CheckpointError
+from megatrain.errors import CheckpointError, ConfigError
+from megatrain.interop.export import SHARD_BYTES, save_state_pretrained  # noqa: F401  (public API)
+from megatrain.interop.hf_maps import _strip, check_unused, from_hf_map, model_fields_from_hf
 
-SHARD_BYTES = 2 * 1024**3  # split exported weights into files of at most this size, like transformers
+# The fields config.json decides. A CLI override of one of them that disagrees is refused, not dropped.
+ARCH_FIELDS = ("arch", "family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim", "ffn_hidden_size", "max_seq_len", "norm_eps", "rope_theta", "rope_scaling",
+               "tie_embeddings", "activation", "qkv_bias", "qk_norm", "sliding_window")
+_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
 
 
 def read_hf_config(path: str) -> dict:
@@ -30,11 +35,30 @@ def read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
-def model_config_from_hf(path: str, base: ModelConfig | None = None) -> ModelConfig:
-    """ModelConfig with the architecture fields of an HF directory (other fields from ``base``)."""
-    fields = model_fields_from_hf(read_hf_config(path))
-    data = (base.model_dump() if base is not None else {}) | fields | {"from_hf": path}
+def model_config_from_hf(path: str, base: ModelConfig | None = None, *, explicit: dict | None = None) -> ModelConfig:
+    """ModelConfig with the architecture fields of an HF directory (other fields from ``base``).
+
+    ``explicit``: model fields the user set on the command line; one that disagrees with config.json is a
+    ConfigError (the architecture comes from the checkpoint, an override cannot change it)."""
+    hf = read_hf_config(path)
+    fields = model_fields_from_hf(hf, f"model.from_hf={path}")
+    defaults = ModelConfig.model_fields
+    arch = {k: fields.get(k, defaults[k].default) for k in ARCH_FIELDS}
+    for key, value in (explicit or {}).items():
+        if key in arch and value != arch[key]:
+            raise ConfigError(f"--model.{key}={value} conflicts with {path}/config.json, which gives {arch[key]}; "
+                              f"drop the override (the architecture comes from model.from_hf)")
+    special = {k: hf[f"{k}_token_id"] for k in ("bos", "eos", "pad") if hf.get(f"{k}_token_id") is not None}
+    dtype = _DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "").removeprefix("torch."))
+    data = (base.model_dump() if base is not None else {}) | arch | {"from_hf": path, "hf_special": special,
+                                                                      "hf_dtype": dtype}
     return ModelConfig.model_validate(data)
+
+
+def cli_model_fields(argv: list[str], model: ModelConfig) -> dict:
+    """{field: validated value} of the ``--model.<field>`` overrides in ``argv``."""
+    keys = {a[len("--model."):].split("=", 1)[0] for a in argv if a.startswith("--model.")}
+    return {k: getattr(model, k) for k in keys if k in ModelConfig.model_fields}
 
 
 class HFSource:
@@ -51,7 +75,7 @@ class HFSource:
             weight_map = None
         else:
             raise CheckpointError(f"model.from_hf={path}: no model.safetensors or model.safetensors.index.json "
-                             "(only safetensors weights are read; re-save with safe_serialization=True)")
+                                  "(only safetensors weights are read; re-save with safe_serialization=True)")
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         self._files = {}
         for fname in files:
@@ -59,14 +83,20 @@ class HFSource:
             if not os.path.isfile(fpath):
                 raise CheckpointError(f"model.from_hf={path}: shard {fname} listed in the index is missing")
             self._files[fname] = SafetensorsReader(fpath)
-        self._where = weight_map or {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
+        where = weight_map or {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
+        # HF name as the map spells it → (file, name in the file)
+        self._where = {_strip(k, model_cfg): (f, k) for k, f in where.items()}
         self._map = from_hf_map(model_cfg)
+        used = {theirs for theirs, _ in self._map.values()}
+        missing = sorted(used - set(self._where))
+        if missing:
+            raise CheckpointError(f"model.from_hf={path}: tensor {missing[0]!r} not found in the checkpoint "
+                                  f"({len(missing)} missing); the directory's config.json does not match its weights")
+        check_unused(set(self._where), used, model_cfg, f"model.from_hf={path}")
 
     def _hf(self, hf_name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        for candidate in (hf_name, hf_name.removeprefix("transformer."), hf_name.removeprefix("model.")):
-            if candidate in self._where:  # GPT2Model/LlamaModel checkpoints lack the LM wrapper's prefix
-                return self._files[self._where[candidate]].read(candidate, rows=rows).float()
-        raise CheckpointError(f"model.from_hf={self.path}: tensor {hf_name!r} not found in the checkpoint")
+        fname, name = self._where[hf_name]
+        return self._files[fname].read(name, rows=rows).float()
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
         """Rows of tensors HF stores as-is (Llama's, GPT-2's embeddings); None when a transform is needed."""
@@ -82,68 +112,24 @@ class HFSource:
         t = fn(self._hf(hf_name)).float()
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"model.from_hf={self.path}: {hf_name} gives shape {tuple(t.shape)} for {name}, "
-                             f"expected {tuple(shape)}; the directory's config.json does not match its weights")
+                                  f"expected {tuple(shape)}; the directory's config.json does not match its weights")
         return t
 
 
 def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32):
-    """A megatrain Transformer (unsharded, CPU) with the weights of a local HF GPT-2/Llama directory."""
+    """A megatrain Transformer (unsharded, CPU) with the weights of a local HF directory."""
+    from megatrain.models.registry import spec_for
     from megatrain.parallelize.materialize import materialize_
     from megatrain.parallelize.param_spec import tag_logical_names
-    from megatrain.models.transformer import build_transformer
     cfg = model_config_from_hf(path)
-    model = build_transformer(cfg, meta=True)
+    source = HFSource(path, cfg)  # checks every tensor before anything is built
+    model = spec_for(cfg).build(cfg, meta=True)
     tag_logical_names(model)
-    materialize_(model, HFSource(path, cfg), tp_rank=0, tp_size=1, device="cpu", dtype=dtype)
+    materialize_(model, source, tp_rank=0, tp_size=1, device="cpu", dtype=dtype)
     return model.eval()
 
 
-def save_pretrained(model, path: str, *, max_shard_bytes: int = SHARD_BYTES) -> str:
-    """Write ``model`` (a megatrain Transformer) as an HF directory: config.json + safetensors, sharded
-    with an index above ``max_shard_bytes``. Written to a temp dir and renamed (never half a directory)."""
+def save_pretrained(model, path: str, *, max_shard_bytes: int = SHARD_BYTES, **kw) -> str:
+    """Write ``model`` (a megatrain Transformer) as an HF directory; see :func:`save_state_pretrained`."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return save_state_pretrained(state, model.cfg, path, max_shard_bytes=max_shard_bytes)
-
-
-def save_state_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str, *,
-                          max_shard_bytes: int = SHARD_BYTES) -> str:
-    from safetensors.torch import save_file
-    if cfg.tied and "head.lm_head.weight" not in state:
-        state = {**state, "head.lm_head.weight": state["embed.wte.weight"]}
-    hf_state = to_hf_state(state, cfg)
-    if cfg.tied:
-        hf_state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
-    hf_config = hf_config_from_model(cfg) | {"torch_dtype": "float32"}
-    path = os.path.abspath(path)
-    tmp = path + ".tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    shards, current, size = [], {}, 0
-    for name, t in hf_state.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t.contiguous()
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards, start=1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-            total += sum(t.numel() * t.element_size() for t in shard.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf_config, f, indent=1)
-    for fname in os.listdir(tmp):
-        with open(os.path.join(tmp, fname), "rb+") as f:
-            os.fsync(f.fileno())
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    return save_state_pretrained(state, model.cfg, path, max_shard_bytes=max_shard_bytes, **kw)

@@ -1,7 +1,11 @@
-"""Decoder-only Transformer in two families, pure torch, unsharded.
+"""Decoder-only Transformer in two block styles, pure torch, unsharded.
 
 - gpt2:  learned positions, LayerNorm (with bias), GELU (tanh) MLP, biases everywhere, tied embeddings.
 - llama: RoPE, RMSNorm, SwiGLU MLP, GQA, no biases, untied embeddings.
+
+Options on the llama style cover the Hugging Face families of megatrain/models/registry.py: q/k/v biases
+(qwen2), per-head q/k RMSNorm and an explicit head_dim (qwen3), sliding-window attention (mistral), and the
+MLP activation (gpt2's activation_function, llama's hidden_act).
 
 The model knows nothing of parallelism, checkpointing or kernels: hot ops go through ``megatrain.ops``
 (dispatch picks the kernel), and the tensor-parallel transform swaps the Linear layers for sharded ones.
@@ -56,11 +60,14 @@ class Attention(nn.Module):
         super().__init__()
         bias = cfg.arch == "gpt2"
         h, d = cfg.hidden_size, cfg.attn_head_dim
-        self.head_dim = d
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(h, cfg.kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(h, cfg.kv_heads * d, bias=bias)
+        self.head_dim, self.window = d, cfg.sliding_window
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=bias or cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.kv_heads * d, bias=bias or cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.kv_heads * d, bias=bias or cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=bias)
+        # one (D,) weight shared by all heads, so a tp shard of the heads keeps it whole
+        self.q_norm = Norm(d, kind="rms", eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = Norm(d, kind="rms", eps=cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = Rotary(d, theta=cfg.rope_theta, scaling=cfg.rope_scaling) if cfg.arch == "llama" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H)
@@ -70,10 +77,12 @@ class Attention(nn.Module):
         q = q.view(b, t, -1, d).transpose(1, 2)  # (B, Hq, T, D); Hq local under TP
         k = k.view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over D, per head
         if self.rotary is not None:
             cos, sin = self.rotary(t, x.device)
             q, k = ops.apply_rope(q, k, cos, sin)
-        y = ops.attention(q, k, v, causal=True)  # (B, Hq, T, D)
+        y = ops.attention(q, k, v, causal=True, window=self.window)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, H)
 
 
@@ -82,6 +91,7 @@ class MLP(nn.Module):
         super().__init__()
         h, f = cfg.hidden_size, cfg.ffn_size
         self.swiglu = cfg.arch == "llama"
+        self.activation = cfg.mlp_activation
         bias = not self.swiglu
         self.gate_proj = nn.Linear(h, f, bias=False) if self.swiglu else None
         self.up_proj = nn.Linear(h, f, bias=bias)
@@ -89,8 +99,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
         if self.swiglu:
-            return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))  # inner (B, T, F)
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+            if self.activation == "silu":
+                return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))  # inner (B, T, F)
+            return self.down_proj(_ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_ACTIVATIONS[self.activation](self.up_proj(x)))
+
+
+_ACTIVATIONS = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
 class Block(nn.Module):

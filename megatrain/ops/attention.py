@@ -15,18 +15,31 @@ register("attention", "triton", _TRITON_ATTENTION)
 _warned: set[tuple] = set()
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                        window: int | None = None) -> torch.Tensor:
     # q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq % Hkv == 0 (GQA shares each kv head by a group of q heads)
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
+    if window is not None and window < k.shape[2]:
+        assert causal, "a sliding window is defined here for causal attention"
+        t, s = q.shape[2], k.shape[2]
+        qi = torch.arange(s - t, s, device=q.device)[:, None]  # queries are the last t positions
+        kj = torch.arange(s, device=q.device)[None, :]
+        allowed = (kj <= qi) & (kj > qi - window)  # (T, S): itself and the window-1 tokens before it
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, Hq, T, D)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              window: int | None = None) -> torch.Tensor:
+    """``window``: each query sees at most that many keys, itself included (Mistral's sliding window). The
+    fused kernels have no window, so a window shorter than the sequence runs the masked torch reference."""
     if q.shape[1] % k.shape[1] != 0:
         raise UserError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
+    if window is not None and window < k.shape[2]:
+        return attention_reference(q, k, v, causal, window)
     backend = backend_for("attention", q.device, dtype=q.dtype, shape={"head_dim": q.shape[-1], "causal": causal})
     if backend == "triton" and q.dtype == torch.float32 and q.is_cuda:
         # never the IEEE fp32 Triton path on a GPU, even when asked for: SDPA is several times faster there

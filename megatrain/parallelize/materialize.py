@@ -41,6 +41,7 @@ def _row_shard(source, p, name: str, tp_rank: int, tp_size: int) -> torch.Tensor
     spec = spec_of(p)
     if tp_size == 1 or spec is None or spec.tp_dim != 0 or not hasattr(source, "rows"):
         return None
+    tp_rank, tp_size = tp_rank // spec.tp_replicas, tp_size // spec.tp_replicas
     per = (spec.tp_padded or spec.logical_shape[0]) // tp_size
     part = source.rows(name, tp_rank * per, (tp_rank + 1) * per)
     if part is None:

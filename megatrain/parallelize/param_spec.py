@@ -29,10 +29,13 @@ class ParamSpec:
     logical_shape: tuple[int, ...]
     tp_dim: int | None = None            # the dimension tensor parallelism splits; None = replicated
     tp_padded: int | None = None         # padded size of tp_dim (vocabulary rows padded to a multiple of tp)
+    tp_replicas: int = 1                 # that many consecutive tp ranks hold the same slice (kv heads < tp)
     pipeline_tied: bool = False          # held by the first and last pipeline stage; checkpoints write it once
     stand_in: bool = False               # a 4-byte placeholder still to be materialised
     sp_grad_group: object = None         # sequence parallel: sum this replicated parameter's grad over the group
     sp_hooked: bool = False              # the sequence-parallel grad hook is registered
+    replica_grad: tuple | None = None    # (tp group, replicas): sum the copies' grads (kv heads replicated over tp)
+    replica_hooked: bool = False
 
 
 def spec_of(t: torch.Tensor) -> ParamSpec | None:

@@ -7,9 +7,10 @@ from megatrain.distributed import host_collectives as hc
 from megatrain.parallelize.param_spec import spec_of
 
 
-def _tp_layout(p: torch.Tensor) -> tuple[int | None, int | None]:
+def _tp_layout(p: torch.Tensor) -> tuple[int | None, int | None, int]:
+    """(split dimension, padded size, replicas): ``replicas`` consecutive tp ranks hold the same slice."""
     spec = spec_of(p)
-    return (None, None) if spec is None else (spec.tp_dim, spec.tp_padded)
+    return (None, None, 1) if spec is None else (spec.tp_dim, spec.tp_padded, spec.tp_replicas)
 
 
 def local_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -18,9 +19,10 @@ def local_shape(p: torch.Tensor) -> tuple[int, ...]:
 
 def shard_of(full: torch.Tensor, p: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This rank's slice of the logical tensor ``full`` for parameter ``p`` (zero-padded if needed)."""
-    dim, padded = _tp_layout(p)
+    dim, padded, rep = _tp_layout(p)
     if dim is None or tp_size == 1:
         return full
+    tp_rank, tp_size = tp_rank // rep, tp_size // rep
     padded = padded or full.shape[dim]
     per = padded // tp_size
     start, stop = tp_rank * per, (tp_rank + 1) * per
@@ -35,10 +37,10 @@ def shard_of(full: torch.Tensor, p: torch.Tensor, tp_rank: int, tp_size: int) ->
 
 def gather_logical(local: torch.Tensor, p: torch.Tensor, group, tp_size: int) -> torch.Tensor:
     """The logical (unsharded, unpadded) tensor from each tp rank's ``local`` slice. Collective over tp."""
-    dim, _ = _tp_layout(p)
+    dim, _, rep = _tp_layout(p)
     if dim is None or tp_size == 1:
         return local
     # local may be a CPU copy (engine_state.py): the module stages it on the group's device (NCCL takes CUDA only)
-    full = torch.cat(hc.all_gather(local, group=group), dim=dim)
+    full = torch.cat(hc.all_gather(local, group=group)[::rep], dim=dim)  # one copy of each replicated slice
     true = spec_of(p).logical_shape[dim]
     return full.narrow(dim, 0, true) if full.shape[dim] != true else full

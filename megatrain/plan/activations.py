@@ -65,7 +65,7 @@ def _count_saved(counts: dict, region: list, params: set):
 def _local_shapes(m: ModelConfig, tp: int) -> ModelConfig:
     """One tp rank's shapes: heads, kv heads, MLP channels and the padded vocabulary divided by tp."""
     from megatrain.parallelize.tensor_parallel import padded_vocab_size
-    return m.model_copy(update={"num_heads": m.num_heads // tp, "num_kv_heads": m.kv_heads // tp,
+    return m.model_copy(update={"num_heads": m.num_heads // tp, "num_kv_heads": max(m.kv_heads // tp, 1),
                                 "head_dim": m.attn_head_dim, "ffn_hidden_size": m.ffn_size // tp,
                                 "vocab_size": padded_vocab_size(m.vocab_size, tp) // tp, "init_from": None,
                                 "from_hf": None})
@@ -94,7 +94,8 @@ def _activation_bytes(model_json: str, micro_batch: int, seq_len: int, tp: int, 
         mod.register_forward_pre_hook(lambda _m, _a, n=name: region.append(n))  # hooks must return None:
         mod.register_forward_hook(lambda _m, _a, _o: region.pop() and None)  # a value would replace the output
     real_attention = ops.attention
-    def stand_in(q, k, v, causal=True):
+    def stand_in(q, k, v, causal=True, window=None):  # counts the fused kernel; a window < T runs the
+        # masked torch reference, which also keeps the (T, T) scores: the plan is low for such runs
         if repeat_kv and q.shape[1] != k.shape[1]:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
         return _FlashLikeAttention.apply(q, k, v)

@@ -31,15 +31,20 @@ class StageParams:
 
 
 def meta_model(m: ModelConfig):
+    """The model of ``m``'s family (model registry), on the meta device."""
+    from megatrain.models.registry import SPECS
     from megatrain.models.transformer import build_transformer
+    build = SPECS[m.hf_family].build if m.hf_family in SPECS else build_transformer
     with torch.device("meta"):
-        return build_transformer(m, seed=0)
+        return build(m, seed=0)
 
 
 def _tp_share(name: str, numel: int, shape, m: ModelConfig, tp: int) -> int:
     if name in ("embed.wte.weight", "head.lm_head.weight"):
         return padded_vocab_size(m.vocab_size, tp) // tp * shape[1]
     if _SPLIT.match(name):
+        if re.search(r"attn\.(k|v)_proj\.", name):
+            return numel // min(tp, m.kv_heads)  # tp > kv heads: one replicated kv head per rank
         return numel // tp
     return numel  # norms, positions, row-parallel biases: replicated on every tp rank
 

@@ -10,7 +10,7 @@ def describe(cfg: Config, world: int) -> str:
     from megatrain.plan.params import meta_model
     lay, p = resolve_layout(cfg, world), cfg.parallel
     n = meta_model(cfg.model).num_params()
-    return (f"plan: {cfg.model.arch} {n / 1e9:.3g}B params | world {world} = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}"
+    return (f"plan: {cfg.model.hf_family} {n / 1e9:.3g}B params | world {world} = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}"
             f"{' +sp' if p.sequence_parallel else ''} | zero {p.zero_stage}"
             f"{' (optimizer on cpu)' if p.offload_optimizer == 'cpu' else ''} | {cfg.train.precision} | "
             f"micro-batch {lay.micro_batch_size} x seq {cfg.seq_len}, {lay.grad_accum} per step | "

@@ -38,6 +38,9 @@ class Trainer:
         """``launch``: the launcher's bootstrap (layout checked, preflight run, process groups made); without it
         the Trainer bootstraps itself, without a memory preflight (library use: K-fold, search, passes)."""
         self.cfg = cfg
+        if cfg.checkpoint.export_hf:  # a non-empty target is refused now, not after the training it would end
+            from megatrain.interop.export import check_export_target
+            check_export_target(cfg.checkpoint.export_hf, overwrite=cfg.checkpoint.export_overwrite)
         launch = launch or bootstrap(cfg, local_rank)
         self.rank, self.world = launch.rank, launch.world
         self.layout, self.dims = launch.layout, launch.dims
@@ -313,7 +316,10 @@ class Trainer:
             from megatrain.checkpoint.layout_free import load_model_state
             from megatrain.interop.hf import save_state_pretrained
             cfg, state = load_model_state(step_dir)
-            out = save_state_pretrained(state, cfg.model, self.cfg.checkpoint.export_hf)
+            ck = self.cfg.checkpoint
+            out = save_state_pretrained(state, cfg.model, ck.export_hf, dtype=ck.export_dtype,
+                                        overwrite=ck.export_overwrite,
+                                        tokenizer=self.cfg.data.path if cfg.model.is_transformer else None)
             print(f"exported Hugging Face model: {out}", flush=True)
         hc.barrier()
 

@@ -25,7 +25,9 @@ def _measure(corpus, log_dir, world, arch, **extra):
     ("gpt2", {"parallel.tp": 2, "parallel.pp": 2}),  # tied: the token table on both end stages, vocab padded
     ("llama", {"parallel.tp": 2, "parallel.pp": 2, "parallel.pipeline_partition": "uniform",
                "model.num_layers": 3}),
-], ids=["gpt2-tp2pp2", "llama-tp2pp2-uniform"])
+    ("llama", {"parallel.tp": 2, "parallel.pp": 2, "model.num_kv_heads": 1, "model.qkv_bias": True,
+               "model.qk_norm": True}),  # one kv head (and its biases) replicated on both tp ranks
+], ids=["gpt2-tp2pp2", "llama-tp2pp2-uniform", "qwen-like-kv1-tp2pp2"])
 def test_parameters_per_rank_equal_the_engines(tiny_corpus, tmp_path, arch, extra):
     cfg, ranks = _measure(tiny_corpus, tmp_path, 4, arch, **{"train.micro_batch_size": 2, **extra})
     stages = stage_params(cfg.model, tp=2, pp=2, partition=cfg.parallel.pipeline_partition)
