@@ -93,13 +93,15 @@ def read_manifest(step_dir: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{step_dir} is not a complete megatrain checkpoint (no manifest.json); "
                               "pass a run's checkpoint dir, a step_XXXXXXXX dir, 'auto' or 'none'")
-    with open(path, encoding="utf-8") as f:
-        try:
-            manifest = json.load(f)
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path} is not valid JSON ({err.msg}); the checkpoint is corrupt") from None
+    from megatrain.safe_io import read_json
+    manifest = read_json(path, what="checkpoint manifest", fix="the checkpoint is corrupt; resume from another step",
+                         error=CheckpointError)
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    for key, kind in (("files", dict), ("step", int), ("config", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise CheckpointError(f"checkpoint manifest {path}: field {key!r} missing or not a {kind.__name__}; "
+                                  "the checkpoint is corrupt, resume from another step")
     return manifest
 
 

@@ -8,7 +8,6 @@ explicit allowance, ``plan.reserved_gib``.
 from __future__ import annotations
 
 import itertools
-import os
 
 from megatrain.config.schema import Config
 from megatrain.plan.memory import GIB, StageMemory, plan_memory
@@ -18,7 +17,8 @@ __all__ = ["GIB", "StageMemory", "plan_memory", "check_fits", "propose", "with_v
 
 
 def planned_world_size(cfg: Config) -> int:
-    return cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    from megatrain.config.preflight import launched_world_size
+    return cfg.plan.world_size or launched_world_size()
 
 
 def with_vocab(cfg: Config) -> Config:

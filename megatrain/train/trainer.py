@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import default_collate
 
 from megatrain.config import Config, resolve_layout, to_deepspeed
+from megatrain.config.preflight import preflight
 from megatrain.data.sampler import eval_batch_count
 from megatrain.dist import comm_counter
 from megatrain.dist.env import device as current_device
@@ -38,8 +39,7 @@ class Trainer:
         self.cfg = cfg
         # Check the layout against the launcher's world size before any process group exists: a bad
         # layout fails on every rank at once with the same one-line reason, not as a collective hang.
-        launched_world = int(os.environ.get("WORLD_SIZE", "1"))
-        resolve_layout(cfg, launched_world)
+        launched_world = preflight(cfg)  # WORLD_SIZE, kernels, output dirs, layout, merged DeepSpeed config
         if cfg.plan.gpu_memory_gib:  # likewise a layout predicted not to fit: refused before any GPU is touched
             from megatrain.plan import check_fits, with_vocab
             check_fits(with_vocab(cfg), world_size=launched_world)
