@@ -197,6 +197,14 @@ class DataConfig(Section):
     min_chars: int = Field(32, ge=0, description="Documents shorter than this after cleaning are dropped.")
     max_bytes: Optional[int] = Field(None, gt=0, description="Stop reading sources after this many bytes (quick runs).")
     num_workers: int = Field(2, gt=0, description="Tokenizer worker processes in prepare.")
+    force_prepare: bool = Field(
+        False, description="Prepare data.path again even when it is up to date (once per launch: the other ranks "
+                           "of the same launch reuse that build). Works from launch/prepare.py, pretrain.py and "
+                           "finetune.py.")
+    verify_checksums: bool = Field(
+        True, description="Check every shard's CRC-32 against meta.json when prepare reuses data.path and when "
+                          "training first opens it (about 1 s per GB); false skips it for huge corpora (sizes and "
+                          "the token id range are still checked).")
     seq_len: Optional[int] = Field(None, gt=0, le=2**22, description="Training sample length; None = model.max_seq_len.")
     dataset: Literal["tokens", "digits", "images", "npz"] = Field(
         "tokens", description="tokens = prepared text shards; digits = sklearn digits; images/npz = user image data.")
