@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from megatrain.errors import CheckpointError, UserError
 
@@ -54,7 +55,9 @@ def load_legacy_module_state(path: str) -> dict:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError, TypeError,
             KeyError, IndexError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        # torch's own text goes on to explain how to load it unsafely; keep only what it found
+        found = re.search(r"Unsupported (global|operand)[^\n]*?(?=\. |\n|$)", str(err))
+        first = found.group(0)[:120] if found else type(err).__name__
         raise CheckpointError(f"checkpoint file {path}: refused, it is not a plain tensor file ({first}); "
                               "megatrain never runs code from a checkpoint - re-save it with megatrain") from None
     if not isinstance(blob, dict) or not isinstance(blob.get("module"), dict):
