@@ -17,8 +17,8 @@ def main(argv=None):
         ("--propose", {"type": int, "default": 0, "metavar": "K", "help": "list the K cheapest layouts that fit"})])
     from megatrain.plan import GIB, check_fits, plan_memory, planned_world_size, propose, with_vocab
     from megatrain.plan.report import describe, layout_table, stage_table
-    world = planned_world_size(cfg)
     try:
+        world = planned_world_size(cfg)
         cfg = with_vocab(cfg)
         rows = plan_memory(cfg, world_size=world)
         print(describe(cfg, world))

@@ -100,8 +100,13 @@ def read_manifest(step_dir: str) -> dict:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
     for key, kind in (("files", dict), ("step", int), ("config", dict)):
         if not isinstance(manifest.get(key), kind):
-            raise CheckpointError(f"checkpoint manifest {path}: field {key!r} missing or not a {kind.__name__}; "
+            raise CheckpointError(f"checkpoint manifest {path}: field {key!r} missing or not {'an integer' if kind is int else 'an object'}; "
                                   "the checkpoint is corrupt, resume from another step")
+    for fname, entry in manifest["files"].items():
+        if (not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(
+                entry.get("tensors"), dict) or os.sep in fname or fname in (".", "..")):
+            raise CheckpointError(f"checkpoint manifest {path}: entry {fname!r} of 'files' is malformed; the "
+                                  "checkpoint is corrupt, resume from another step")
     return manifest
 
 

@@ -57,8 +57,8 @@ def _read_json(path: str) -> dict:
                      error=ConfigError)
     for block, fields in OWNED_BLOCKS.items():
         if block in data:
-            raise ConfigError(f"train.deepspeed_config={path} has a {block!r} block, but megatrain builds the "
-                              f"{block} itself; remove the block and set {fields} in the megatrain config")
+            raise ConfigError(f"train.deepspeed_config={path}: its {block!r} block is refused, megatrain builds "
+                              f"the {block} itself; remove the block and set {fields} in the megatrain config")
     return data
 
 

@@ -53,7 +53,12 @@ def _bounded_int(loader: _BoundedLoader, node: yaml.ScalarNode):
     return yaml.SafeLoader.construct_yaml_int(loader, node)
 
 
+def _no_binary(loader: _BoundedLoader, node: yaml.Node):
+    raise yaml.constructor.ConstructorError(None, None, "!!binary values are not config values", node.start_mark)
+
+
 _BoundedLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:binary", _no_binary)
 
 
 def _expanded_nodes(node: yaml.Node, limit: int) -> int:
