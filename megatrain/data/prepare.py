@@ -102,6 +102,11 @@ def prepare_corpus(data_cfg, *, seed: int = 1234, force: bool = False) -> dict:
     plus ``path`` (absolute) and ``reused`` (True when an up-to-date preparation was found)."""
     out_dir = os.path.abspath(os.path.expanduser(data_cfg.path))
     parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"data.path={out_dir} is a file; point data.path at a directory")
+    if not os.path.isdir(out_dir):  # to be created: no file in the way, a parent this user can write
+        from megatrain.config.preflight import check_output_dir
+        check_output_dir("data.path", out_dir)
     os.makedirs(parent, exist_ok=True)
     digest = config_hash(data_cfg, seed)
     force = force or data_cfg.force_prepare

@@ -134,6 +134,9 @@ for raw in ("0", "x", "-1", "", " ", "1.5", "2x", "0x2"):
 for field in ("log.dir", "checkpoint.dir", "checkpoint.export_hf"):
     case("out_dir", f"{field}_is_file", "preflight", {"argv": [f"--{field}={{file}}"]})
     case("out_dir", f"{field}_under_file", "preflight", {"argv": [f"--{field}={{file}}/sub/dir"]})
+for name, argv in {"kernels": ["--model.kernels=triton"], "log_dir": ["--log.dir={file}"],
+                   "world": [], "ds": ["--train.deepspeed_config=/nonexistent.json"]}.items():
+    case("pass_setup", name, "pass_setup", {"argv": argv, "env": {"WORLD_SIZE": "x"} if name == "world" else {}})
 DS_BAD = {
     "optimizer": {"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}, "scheduler": {"scheduler": {"type": "WarmupLR"}},
     "both": {"optimizer": {"type": "SGD"}, "scheduler": {"type": "OneCycle"}},
@@ -206,6 +209,8 @@ for name, raw in {"random_model": bytes(random.Random(1).randrange(256) for _ in
                   "text_model": b"this is not a sentencepiece model\n", "empty_model": b""}.items():
     case("prepare", name, "prepare", {"tokenizer_bytes": raw})
 case("prepare", "tokenizer_dir_empty", "prepare", {"tokenizer_dir": True})
+case("prepare", "path_is_file", "prepare", {"path": "{file}"})
+case("prepare", "path_under_file", "prepare", {"path": "{file}/data"})
 case("prepare", "tokenizer_wrong_ext", "prepare", {"tokenizer_bytes": b"x", "suffix": ".txt"})
 
 
@@ -254,6 +259,20 @@ def _run(kind, payload, tmp_path, prepared, monkeypatch):
             argv.append(f"--log.dir={tmp_path / 'log'}")
         cfg = load_config(None, argv)
         return lambda: preflight(cfg)
+    if kind == "pass_setup":  # prune / distill / cache_teacher: checked before their process group
+        from megatrain.compress import passes
+        (tmp_path / "afile").write_text("x")
+        argv = [a.replace("{file}", str(tmp_path / "afile")) for a in payload["argv"]]
+        for k, v in payload["env"].items():
+            monkeypatch.setenv(k, v)
+        cfg = load_config(None, argv + ([] if any(a.startswith("--log.dir") for a in argv) else
+                                        [f"--log.dir={tmp_path / 'log'}"]))
+
+        def setup_without_group():
+            import megatrain.dist.env as env
+            monkeypatch.setattr(env, "init_distributed", lambda *a, **k: pytest.fail("process group started"))
+            passes._setup(cfg, None)
+        return setup_without_group
     if kind == "planner":
         from megatrain.plan import planned_world_size
         for k, v in payload.items():
@@ -325,7 +344,9 @@ def _run(kind, payload, tmp_path, prepared, monkeypatch):
     if kind == "prepare":
         from megatrain.data.prepare import prepare_corpus
         root, base = prepared
-        fields = dict(base.model_dump(), path=str(tmp_path / "out"))
+        (tmp_path / "afile").write_text("x")
+        fields = dict(base.model_dump(), path=payload.get("path", str(tmp_path / "out")).replace(
+            "{file}", str(tmp_path / "afile")))
         if "vocab_size" in payload:
             fields["vocab_size"] = payload["vocab_size"]
         if "tokenizer_bytes" in payload:
