@@ -81,6 +81,8 @@ for i, raw in enumerate(["[1,2", "{a: 1", "'abc", '"abc', "*nope", "[1, *b]", "{
                          "!!binary zz", "{{}}", "[[[", "a: b: c", "&a [*a, *a"]):
     for key in ("train.lr", "model.widths", "data.sources", "train.betas"):
         case("override_yaml", f"{key}_{i}", "override", [f"--{key}={raw}"])
+for i, argv in enumerate([["--config"], ["--local_rank=x"], ["--config", "a.yaml", "--config"]]):
+    case("cli_flags", str(i), "override", argv)
 for i, argv in enumerate([["train.lr=1"], ["--train.lr"], ["--lr=1"], ["--train.lr.x=1"], ["--train=3"],
                           ["--model.kernel_overrides.attention.x=torch"], ["--nosuch.key=1"], ["--train.nosuch=1"]]):
     case("override_shape", str(i), "override", argv)
