@@ -62,16 +62,17 @@ def _read_json(path: str) -> dict:
     return data
 
 
-def validate_deepspeed(ds: dict, layout: Layout) -> None:
+def validate_deepspeed(ds: dict) -> None:
     """Run DeepSpeed's own config validation on the merged dict before any engine exists; its multi-line
     pydantic report becomes one line naming the first bad field."""
     import logging
 
     from pydantic import ValidationError
     from deepspeed.runtime.config import DeepSpeedConfig
-    # DeepSpeedConfig checks train_batch_size against the world it sees (1 before any process group):
-    # hand it the per-data-parallel-rank share; megatrain's layout checked the product already.
-    probe = dict(ds, train_batch_size=layout.micro_batch_size * layout.grad_accum)
+    # DeepSpeedConfig checks train_batch_size against the world it sees (1 before any process group, every
+    # rank after, tp and pp included): leave it out so DeepSpeed derives it from micro batch x accumulation;
+    # megatrain's layout checked the product against the data-parallel size already.
+    probe = {k: v for k, v in ds.items() if k != "train_batch_size"}
     ds_logger = logging.getLogger("DeepSpeed")
     level = ds_logger.level
     ds_logger.setLevel(logging.WARNING)

@@ -74,5 +74,5 @@ def preflight(cfg: Config) -> int:
     check_kernels(cfg)
     check_outputs(cfg)
     layout = resolve_layout(cfg, world)
-    validate_deepspeed(to_deepspeed(cfg, layout), layout)
+    validate_deepspeed(to_deepspeed(cfg, layout))
     return world
