@@ -18,8 +18,8 @@ def main(argv=None):
         ("--propose", {"type": int, "default": 0, "metavar": "K", "help": "list the K cheapest layouts that fit"})])
     from megatrain.plan import GIB, check_fits, plan_memory, planned_world_size, propose, with_vocab
     from megatrain.plan.report import describe, layout_table, stage_table
-    world = planned_world_size(cfg)
     try:
+        world = planned_world_size(cfg)
         if cfg.model.from_hf:
             from megatrain.interop.hf import cli_model_fields, model_config_from_hf
             explicit = cli_model_fields(sys.argv[1:] if argv is None else argv, cfg.model)

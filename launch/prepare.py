@@ -1,5 +1,8 @@
 """Prepare text data: `python launch/prepare.py --config recipes/X.yaml [--data.key=value ...] [--force]`.
 
+--force (or --data.force_prepare=true) rebuilds even when data.path is up to date; a reused directory is
+verified first (shard checksums, see docs/data.md) and rebuilt when a shard was changed.
+
 Reads data.sources, cleans and deduplicates, trains or loads the tokenizer, and writes the .bin/.idx
 shards and meta.json under data.path (see docs/data.md). A second run with the same data config reuses them."""
 import json
@@ -15,7 +18,8 @@ from megatrain.cli_args import fail, parse  # noqa: E402
 
 def main(argv=None):
     cfg, args, _ = parse(argv, description=__doc__, extra=[
-        ("--force", {"action": "store_true", "help": "prepare again even if data.path is up to date"})])
+        ("--force", {"action": "store_true", "help": "prepare again even if data.path is up to date (same as "
+                                                     "--data.force_prepare=true)"})])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if cfg.data.dataset != "tokens":  # image datasets are read directly; only text is prepared
         print(f"data.dataset={cfg.data.dataset} needs no prepare step; nothing to do")

@@ -28,7 +28,13 @@ class SafetensorsReader:
             n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else size
             if n > size - 8:
                 raise CheckpointError(f"{path} is truncated or not a safetensors file")
-            header = json.loads(f.read(n))
+            try:
+                header = json.loads(f.read(n).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                header = None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} is not a safetensors file (unreadable header); re-save it with "
+                                  "safetensors")
         header.pop("__metadata__", None)
         self.base = 8 + n
         self.header = header

@@ -93,13 +93,20 @@ def read_manifest(step_dir: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{step_dir} is not a complete megatrain checkpoint (no manifest.json); "
                               "pass a run's checkpoint dir, a step_XXXXXXXX dir, 'auto' or 'none'")
-    with open(path, encoding="utf-8") as f:
-        try:
-            manifest = json.load(f)
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path} is not valid JSON ({err.msg}); the checkpoint is corrupt") from None
+    from megatrain.safe_io import read_json
+    manifest = read_json(path, what="checkpoint manifest", fix="the checkpoint is corrupt; resume from another step",
+                         error=CheckpointError)
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    for key, kind in (("files", dict), ("step", int), ("config", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise CheckpointError(f"checkpoint manifest {path}: field {key!r} missing or not {'an integer' if kind is int else 'an object'}; "
+                                  "the checkpoint is corrupt, resume from another step")
+    for fname, entry in manifest["files"].items():
+        if (not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(
+                entry.get("tensors"), dict) or os.sep in fname or fname in (".", "..")):
+            raise CheckpointError(f"checkpoint manifest {path}: entry {fname!r} of 'files' is malformed; the "
+                                  "checkpoint is corrupt, resume from another step")
     return manifest
 
 

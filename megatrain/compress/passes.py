@@ -56,8 +56,8 @@ def _setup(cfg: Config, local_rank, *, pipeline: bool = False):
     """Process group and layout; ``pipeline`` = the pass can run with pp > 1 (distillation from a cache)."""
     from megatrain.distributed.dims import build_parallel_dims
     from megatrain.distributed.env import init_distributed
-    from megatrain.distributed.bootstrap import launched_world_size
-    resolve_layout(cfg, launched_world_size())  # a bad layout fails before any group exists
+    from megatrain.config.preflight import preflight
+    preflight(cfg)  # WORLD_SIZE, kernels, output dirs, layout, DeepSpeed JSON: before any group exists
     if cfg.parallel.pp > 1 and not pipeline:
         raise UserError("prune with parallel.pp>1 is not supported; use tp and ZeRO (train the result with pp "
                          "afterwards)")

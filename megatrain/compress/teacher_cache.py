@@ -136,11 +136,17 @@ class TeacherCache:
         if not os.path.isfile(mpath):
             raise UserError(f"distill.teacher_cache={path} has no {MANIFEST} (not a teacher cache, or its writing did "
                              "not finish); write it with launch/cache_teacher.py")
-        with open(mpath, encoding="utf-8") as f:
-            self.manifest = m = json.load(f)
+        from megatrain.safe_io import read_json
+        self.manifest = m = read_json(mpath, what=f"distill.teacher_cache={path}: manifest",
+                                      fix="write the cache again with launch/cache_teacher.py")
         if m.get("format") != FORMAT or m.get("version") != VERSION:
             raise UserError(f"distill.teacher_cache={path}: format {m.get('format')!r} v{m.get('version')} is not "
                              f"{FORMAT} v{VERSION}; rewrite it with launch/cache_teacher.py")
+        need = ("k", "seq_len", "num_samples", "value_dtype", "shard_samples", "shards", "vocab_size")
+        bad = [key for key in need if key not in m] or ([] if m["value_dtype"] in DTYPES else ["value_dtype"])
+        if bad or not isinstance(m["shards"], list):
+            raise UserError(f"distill.teacher_cache={path}: manifest field {(bad or ['shards'])[0]!r} missing or "
+                            "invalid; write the cache again with launch/cache_teacher.py")
         self.k, self.seq_len, self.num_samples = int(m["k"]), int(m["seq_len"]), int(m["num_samples"])
         self.value_dtype = DTYPES[m["value_dtype"]]
         self._shard_samples = int(m["shard_samples"])

@@ -12,10 +12,18 @@ from megatrain.config.schema import Config
 from megatrain.errors import ConfigError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (its default prints the usage block first)."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see --help", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parse(argv: list[str] | None = None, *, description: str, extra: list[tuple[str, dict]] = ()):
     """Returns (config, namespace of the extra flags, local_rank or None)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     epilog="Any config field can be overridden: --train.lr=1e-3 --parallel.tp=2")
+    parser = _Parser(description=description, allow_abbrev=False,
+                     epilog="Any config field can be overridden: --train.lr=1e-3 --parallel.tp=2")
     parser.add_argument("--config", help="YAML recipe (recipes/*.yaml)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for flag, kwargs in extra:

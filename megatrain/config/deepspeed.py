@@ -1,7 +1,6 @@
 """``to_deepspeed``: the ds_config dict DeepSpeed's engine takes, generated from the config tree."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -44,17 +43,52 @@ def to_deepspeed(cfg: Config, layout: Layout) -> dict[str, Any]:
     return ds
 
 
+# megatrain builds the optimizer (train.optimizer, ops.make_adamw) and the LR schedule (train.schedule) itself;
+# a second one from the JSON would silently compete with them.
+OWNED_BLOCKS = {"optimizer": "train.optimizer/lr/betas/eps/weight_decay",
+                "scheduler": "train.schedule/warmup_steps/min_lr"}
+
+
 def _read_json(path: str) -> dict:
+    from megatrain.safe_io import read_json
     if not os.path.isfile(path):
         raise ConfigError(f"train.deepspeed_config={path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"train.deepspeed_config={path}: invalid JSON at line {err.lineno}: {err.msg}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"train.deepspeed_config={path}: top level must be a JSON object")
+    data = read_json(path, what="train.deepspeed_config", fix="give a DeepSpeed JSON object file",
+                     error=ConfigError)
+    for block, fields in OWNED_BLOCKS.items():
+        if block in data:
+            raise ConfigError(f"train.deepspeed_config={path}: its {block!r} block is refused, megatrain builds "
+                              f"the {block} itself; remove the block and set {fields} in the megatrain config")
     return data
+
+
+def validate_deepspeed(ds: dict) -> None:
+    """Run DeepSpeed's own config validation on the merged dict before any engine exists; its multi-line
+    pydantic report becomes one line naming the first bad field."""
+    import logging
+
+    from pydantic import ValidationError
+    from deepspeed.runtime.config import DeepSpeedConfig
+    # DeepSpeedConfig checks train_batch_size against the world it sees (1 before any process group, every
+    # rank after, tp and pp included): leave it out so DeepSpeed derives it from micro batch x accumulation;
+    # megatrain's layout checked the product against the data-parallel size already.
+    probe = {k: v for k, v in ds.items() if k != "train_batch_size"}
+    ds_logger = logging.getLogger("DeepSpeed")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.WARNING)
+    try:
+        DeepSpeedConfig(probe)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"train.deepspeed_config: {err.title}.{loc}: {first['msg']} (got "
+                          f"{str(first.get('input'))[:60]!r}); fix the value in the JSON") from None
+    except (AssertionError, ValueError, TypeError, KeyError, AttributeError) as err:
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ConfigError(f"train.deepspeed_config: DeepSpeed refuses the merged config ({detail}); fix the "
+                          "JSON") from None
+    finally:
+        ds_logger.setLevel(level)
 
 
 def merge_user_deepspeed(ours: dict, user: dict, prefix: str = "") -> dict:

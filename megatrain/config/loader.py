@@ -30,15 +30,87 @@ def parse_overrides(args: Iterable[str]) -> dict[str, Any]:
         else:
             raise ConfigError(f"override {arg!r} has no value; write {arg}=VALUE")
         # YAML typing: 2 → int, 1e-3 → float, true → bool, [1,2] → list, null → None
-        out[key] = _typed(raw)
+        out[key] = _typed(raw, key)
         i += 1
     return out
 
 
-def _typed(raw: str) -> Any:
+MAX_RECIPE_BYTES = 1 << 20   # a recipe is a page of YAML; anything larger is not one
+MAX_YAML_NODES = 100_000     # nodes after expanding aliases: bounds "billion laughs" before anything walks it
+MAX_INT_DIGITS = 30          # longer integer literals are typos (and Python refuses > 4300 digits anyway)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader (no Python tags, nothing executed) that refuses integer literals longer than
+    MAX_INT_DIGITS; the alias-expanded size is checked on the composed node graph by :func:`safe_yaml`."""
+
+
+def _bounded_int(loader: _BoundedLoader, node: yaml.ScalarNode):
+    digits = node.value.replace("_", "").lstrip("+-")
+    if len(digits) > MAX_INT_DIGITS:
+        raise yaml.constructor.ConstructorError(None, None, f"integer literal of {len(digits)} digits is too large",
+                                                node.start_mark)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+def _no_binary(loader: _BoundedLoader, node: yaml.Node):
+    raise yaml.constructor.ConstructorError(None, None, "!!binary values are not config values", node.start_mark)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:binary", _no_binary)
+
+
+def _expanded_nodes(node: yaml.Node, limit: int) -> int:
+    """Nodes the document would have with every alias copied out, computed once per distinct node (memo), so
+    a nested alias bomb is measured, not expanded; stops counting past ``limit``."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        sizes[id(n)] = 1  # a recursive alias counts once; SafeLoader builds such a cycle lazily
+        if isinstance(n, yaml.SequenceNode):
+            total = 1 + sum(size(c) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in n.value)
+        else:
+            total = 1
+        sizes[id(n)] = total = min(total, limit + 1)
+        return total
+
+    return size(node)
+
+
+def safe_yaml(text: str | bytes, where: str) -> Any:
+    """The YAML document in ``text`` (safe types only), with its size bounded before it is constructed:
+    at most MAX_RECIPE_BYTES of input and MAX_YAML_NODES nodes after alias expansion. ``where`` names the
+    file or override in the one-line :class:`ConfigError`."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{where}: {len(text)} bytes is too large for a recipe (limit {MAX_RECIPE_BYTES}); "
+                          "is this the right file?")
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: YAML expands to more than {MAX_YAML_NODES} nodes through aliases "
+                              "(&anchor/*alias); write the values out or use fewer aliases")
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"{where}: not valid YAML ({detail}); fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply; flatten it") from None
+    finally:
+        loader.dispose()
+
+
+def _typed(raw: str, key: str = "") -> Any:
     if raw == "":
         return ""
-    value = yaml.safe_load(raw)
+    value = safe_yaml(raw, f"override --{key}" if key else "override")
     if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; numbers should be numbers
         try:
             return float(value)
@@ -58,6 +130,11 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
@@ -67,7 +144,7 @@ def _format_error(err: ValidationError) -> str:
         return f"unknown config key {loc!r}; check the spelling (valid keys in {section}: see docs/config.md)"
     if loc and not msg.startswith(loc.split(".")[0]):
         got = first.get("input")
-        got = "" if isinstance(got, dict) else f" (got {got!r})"
+        got = "" if isinstance(got, dict) else f" (got {_short(got)})"
         return f"{loc}: {msg}{got}"
     return msg
 
@@ -90,6 +167,27 @@ def _merge(base: dict, child: dict) -> dict:
     return out
 
 
+def _read_text(path: str, what: str) -> str:
+    """The recipe's text: unreadable, oversized, binary and non-UTF-8 files are one line naming the file."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"{what} {path}: {size} bytes is too large for a recipe (limit {MAX_RECIPE_BYTES}); "
+                              "is this the right file?")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ConfigError(f"{what} {path}: cannot be read ({err.strerror or err}); check its permissions") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte-order mark is harmless
+    if b"\x00" in raw:
+        raise ConfigError(f"{what} {path}: holds NUL bytes (binary or UTF-16); save the recipe as UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path}: not UTF-8 (byte {err.start}); save the recipe as UTF-8 text") from None
+
+
 def _read_recipe(path: str, chain: tuple[str, ...] = ()) -> dict:
     """A recipe's tree; ``base: other.yaml`` (relative to the recipe) is read first and overlaid, so a variant
     recipe states only what it changes."""
@@ -100,11 +198,8 @@ def _read_recipe(path: str, chain: tuple[str, ...] = ()) -> dict:
     if real in chain:
         raise ConfigError(f"--config {path}: base: recipes form a cycle ({' -> '.join(chain + (real,))}); "
                           "remove one base: line")
-    with open(path, encoding="utf-8") as f:
-        try:
-            tree = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: not valid YAML ({err.__class__.__name__}: {err})".replace("\n", " ")) from None
+    tree = safe_yaml(_read_text(path, "base: recipe" if chain else "--config"),
+                     f"{'base: recipe' if chain else '--config'} {path}") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"--config {path}: top level must be a mapping of sections (model:, train:, ...)")
     base = tree.pop("base", None)

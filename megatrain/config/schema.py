@@ -5,19 +5,49 @@ Unknown keys are rejected (``extra="forbid"``) so a typo never silently trains t
 """
 from __future__ import annotations
 
+import types
+import typing
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+MAX_INT = 2**53  # any integer field above this is a typo (and past what a float round-trips exactly)
+
+
+def _number_kinds(annotation) -> set:
+    """int/float in a field's annotation (through Optional, tuple[...] and list[...])."""
+    if annotation in (int, float):
+        return {annotation}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, tuple, list):
+        return set().union(*(_number_kinds(a) for a in typing.get_args(annotation)))
+    return set()
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # inf/nan are refused in every float field: an inf lr trains NaNs
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value, info: ValidationInfo):
+        """YAML's true/false are not numbers here (pydantic would read ``lr: true`` as 1.0); integers are bounded
+        so a 5000-digit value is an error, not an allocation."""
+        kinds = _number_kinds(cls.model_fields[info.field_name].annotation)
+        if not kinds:
+            return value
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, bool):
+                raise ValueError(f"must be a number, not {str(item).lower()}")
+            if isinstance(item, int) and abs(item) > MAX_INT:
+                raise ValueError(f"{str(item)[:20]}... is too large (limit {MAX_INT})")
+        return value
 
 
 class ModelConfig(Section):
     arch: Literal["gpt2", "llama", "resnet", "lstm", "gru"] = Field(
         "gpt2", description="Architecture family: gpt2/llama (decoder Transformers), resnet (CNN), lstm/gru (RNN).")
-    vocab_size: int = Field(0, ge=0, description="Vocabulary size; 0 = take it from the prepared data's tokenizer.")
+    vocab_size: int = Field(0, ge=0, le=2**24, description="Vocabulary size; 0 = take it from the prepared data's tokenizer.")
     hidden_size: int = Field(128, gt=0, description="Model width d_model (RNN: hidden units).")
     num_layers: int = Field(2, gt=0, description="Transformer blocks / RNN layers.")
     num_heads: int = Field(4, gt=0, description="Attention query heads.")
@@ -26,7 +56,7 @@ class ModelConfig(Section):
         None, gt=0, description="Per-head width; None = hidden_size / num_heads (set when heads were pruned).")
     ffn_hidden_size: Optional[int] = Field(
         None, gt=0, description="MLP inner width; None = 4*hidden (gpt2) or 8/3*hidden rounded to 64 (llama).")
-    max_seq_len: int = Field(256, gt=0, description="Context length (learned positions for gpt2, RoPE table for llama).")
+    max_seq_len: int = Field(256, gt=0, le=2**22, description="Context length (learned positions for gpt2, RoPE table for llama).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention output and MLP output.")
     norm_eps: float = Field(1e-5, gt=0, description="LayerNorm/RMSNorm epsilon.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base (llama).")
@@ -131,11 +161,8 @@ class ModelConfig(Section):
                                  f"{self.kv_heads}; choose num_kv_heads dividing num_heads")
             if self.arch == "llama" and self.attn_head_dim % 2:
                 raise ValueError(f"model: head_dim={self.attn_head_dim} must be even for RoPE; change hidden_size/num_heads")
-            if self.rope_scaling:
-                kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-                if kind not in ("default", "linear", "llama3", "yarn"):
-                    raise ValueError(f"model.rope_scaling: rope_type {kind!r} is not supported; megatrain computes "
-                                     "default, linear, llama3 and yarn RoPE")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.arch, self.rope_scaling)
         if self.init_from and self.from_hf:
             raise ValueError("model.init_from and model.from_hf are both set; choose one weights source")
         if self.inner_widths is not None and (len(self.inner_widths) != len(self.widths)
@@ -147,6 +174,27 @@ class ModelConfig(Section):
                              f"{self.hidden_size} but model.tie_embeddings=true needs the LM head's input to be the "
                              "embedding width; set tie_embeddings: false or drop rnn_hidden_size")
         return self
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _check_rope_scaling(arch: str, scaling: dict) -> None:
+    """The rope_scaling dicts ops/rope.py implements, checked here so a typo fails before any rank starts."""
+    if arch != "llama":
+        raise ValueError(f"model.rope_scaling is set but model.arch={arch} has no RoPE (only llama); remove it")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"model.rope_scaling: type {kind!r} is not supported; use one of {', '.join(ROPE_TYPES)}")
+    need = {"default": (), "linear": ("factor",),
+            "llama3": ("factor", "original_max_position_embeddings"),
+            "yarn": ("factor", "original_max_position_embeddings")}[kind]
+    for key in need + tuple(k for k in ("low_freq_factor", "high_freq_factor") if k in scaling):
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"model.rope_scaling.{key}={value!r}: {kind} scaling needs a positive finite number")
+    if kind == "llama3" and scaling.get("low_freq_factor", 1.0) >= scaling.get("high_freq_factor", 4.0):
+        raise ValueError("model.rope_scaling: low_freq_factor must be below high_freq_factor")
 
 
 class ParallelConfig(Section):
@@ -175,20 +223,28 @@ class DataConfig(Section):
     min_chars: int = Field(32, ge=0, description="Documents shorter than this after cleaning are dropped.")
     max_bytes: Optional[int] = Field(None, gt=0, description="Stop reading sources after this many bytes (quick runs).")
     num_workers: int = Field(2, gt=0, description="Tokenizer worker processes in prepare.")
-    seq_len: Optional[int] = Field(None, gt=0, description="Training sample length; None = model.max_seq_len.")
+    force_prepare: bool = Field(
+        False, description="Prepare data.path again even when it is up to date (once per launch: the other ranks "
+                           "of the same launch reuse that build). Works from launch/prepare.py, pretrain.py and "
+                           "finetune.py.")
+    verify_checksums: bool = Field(
+        True, description="Check every shard's CRC-32 against meta.json when prepare reuses data.path and when "
+                          "training first opens it (about 1 s per GB); false skips it for huge corpora (sizes and "
+                          "the token id range are still checked).")
+    seq_len: Optional[int] = Field(None, gt=0, le=2**22, description="Training sample length; None = model.max_seq_len.")
     dataset: Literal["tokens", "digits", "images", "npz"] = Field(
         "tokens", description="tokens = prepared text shards; digits = sklearn digits; images/npz = user image data.")
     augment: bool = Field(False, description="On-the-fly augmentation for image data.")
     split_seed: int = Field(
-        0, description="Seed of the image train/validation split. Independent of train.seed, so runs with different "
+        0, ge=0, lt=2**31, description="Seed of the image train/validation split. Independent of train.seed, so runs with different "
                        "seeds, search trials and ensemble members are scored on the same validation samples.")
 
 
 class TrainConfig(Section):
-    seed: int = Field(1234, description="Seed for init, data order and dropout.")
+    seed: int = Field(1234, ge=0, lt=2**31, description="Seed for init, data order and dropout (0 <= seed < 2^31).")
     max_steps: int = Field(100, gt=0, description="Optimizer steps to train.")
-    global_batch_size: int = Field(8, gt=0, description="Samples per optimizer step across all data-parallel ranks.")
-    micro_batch_size: int = Field(4, gt=0, description="Samples per forward/backward per rank.")
+    global_batch_size: int = Field(8, gt=0, le=2**24, description="Samples per optimizer step across all data-parallel ranks.")
+    micro_batch_size: int = Field(4, gt=0, le=2**20, description="Samples per forward/backward per rank.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp16 uses loss scaling).")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")

@@ -13,12 +13,15 @@ import numpy as np
 import torch
 
 from megatrain.data.indexed import ShardReader
-from megatrain.data.prepare import read_meta
+from megatrain.data.prepare import check_tokenizer_vocab, read_meta, verify_shards
 from megatrain.errors import DataError
 
 
 class PackedTokenDataset(torch.utils.data.Dataset):
-    def __init__(self, path: str, split: str, seq_len: int):
+    def __init__(self, path: str, split: str, seq_len: int, *, vocab_size: int | None = None,
+                 verify_checksums: bool = True):
+        """``vocab_size``: the model's; every shard's largest token id is checked against it once.
+        ``verify_checksums``: CRC-32 of each shard against meta.json on first open (data.verify_checksums)."""
         if seq_len <= 0:
             raise DataError(f"data.seq_len={seq_len} must be positive")
         self.path = os.path.abspath(os.path.expanduser(path))
@@ -30,7 +33,11 @@ class PackedTokenDataset(torch.utils.data.Dataset):
         self.vocab_size = int(self.meta["vocab_size"])
         self.eos_id = int(self.meta["eos_id"])
         self._shard_names = list(self.meta["splits"][split]["shards"])
+        verify_shards(self.path, {"splits": {split: self.meta["splits"][split]}}, checksums=verify_checksums)
+        check_tokenizer_vocab(self.path, self.meta)
         self._open()
+        if vocab_size is not None:
+            self.check_vocab(vocab_size, trust_record=verify_checksums)
         self.num_tokens = int(self._starts[-1])
         self.num_samples = max(0, (self.num_tokens - 1) // seq_len)
         if self.num_samples == 0:
@@ -47,6 +54,20 @@ class PackedTokenDataset(torch.utils.data.Dataset):
         if int(self._starts[-1]) != int(self.meta["splits"][self.split]["num_tokens"]):
             raise DataError(f"{self.path}: shards of split '{self.split}' hold {int(self._starts[-1])} tokens but "
                              f"meta.json records {self.meta['splits'][self.split]['num_tokens']}; prepare again with --force")
+
+    def check_vocab(self, vocab_size: int, *, trust_record: bool = True) -> None:
+        """Every token id below ``vocab_size`` (an out-of-range id would index past the embedding at step 1).
+        Uses the largest id prepare recorded when the shard's checksum was verified, else reads the shard."""
+        from megatrain.data.indexed import max_token_id
+        records = self.meta["splits"][self.split].get("checksums") or {}
+        for name, shard in zip(self._shard_names, self._shards):
+            record = records.get(name) if isinstance(records, dict) else None
+            top = (record["max_id"] if trust_record and isinstance(record, dict) and isinstance(record.get("max_id"), int)
+                   else max_token_id(shard.tokens))
+            if top >= vocab_size:
+                raise DataError(f"shard {shard.prefix}.bin holds token id {top} but model.vocab_size={vocab_size}; "
+                                f"set model.vocab_size >= {top + 1} (0 = take it from the data) or use data "
+                                "prepared with the model's tokenizer")
 
     def __len__(self) -> int:
         return self.num_samples

@@ -38,6 +38,8 @@ _TOKENIZER_SAMPLE_BYTES = 4_000_000
 _SENTENCE_CHARS = 2000        # training "sentences" are line-aligned chunks of about this size
 _BATCH_CHARS = 1 << 20        # text per worker task: big enough to amortise IPC, small enough to balance
 _SHARD_TOKENS = 1 << 28       # tokens per shard file (512 MiB at uint16)
+_LONG_LINE_CHARS = 1 << 20    # a line longer than this is split into sentences for the tokenizer, with a warning
+MIN_TRAINED_VOCAB = 262       # 256 byte-fallback pieces + unk/bos/eos/pad + "\n"/"\t"
 
 
 def config_fingerprint(data_cfg, seed: int) -> dict[str, Any]:
@@ -52,6 +54,7 @@ def config_fingerprint(data_cfg, seed: int) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "sources": describe_sources(list(data_cfg.sources)),
+        "source_contents": source_contents(list(data_cfg.sources)),
         "tokenizer": tok_id,
         "vocab_size": data_cfg.vocab_size if tok is None else None,
         "val_fraction": data_cfg.val_fraction,
@@ -61,9 +64,37 @@ def config_fingerprint(data_cfg, seed: int) -> dict[str, Any]:
     }
 
 
+def source_contents(sources: list[str]) -> dict[str, str]:
+    """What each source holds, cheaply: files, bytes and newest mtime, plus a digest of every file's
+    (relative path, size, mtime_ns). An edited, added or removed input changes it, so prepared data is keyed by
+    the sources' contents, not only their names. ``stdlib`` is pinned by interpreter version in ``sources``."""
+    out = {}
+    for src in sources:
+        if src == "stdlib":
+            continue
+        root = os.path.abspath(os.path.expanduser(src))
+        paths = [root] if os.path.isfile(root) else sorted(
+            os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+        digest, total, newest = hashlib.sha256(), 0, 0
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # vanished while listing; iter_documents reports what it cannot read
+            digest.update(f"{os.path.relpath(path, root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            total, newest = total + st.st_size, max(newest, st.st_mtime_ns)
+        out[root] = f"{len(paths)} files, {total} bytes, newest {newest}, {digest.hexdigest()[:16]}"
+    return out
+
+
+config_fingerprint_cache: dict[str, dict] = {}  # hash -> fingerprint, to say what changed on a rebuild
+
+
 def config_hash(data_cfg, seed: int) -> str:
-    blob = json.dumps(config_fingerprint(data_cfg, seed), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    fingerprint = config_fingerprint(data_cfg, seed)
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    config_fingerprint_cache[digest] = fingerprint
+    return digest
 
 
 def prepare_corpus(data_cfg, *, seed: int = 1234, force: bool = False) -> dict:
@@ -71,20 +102,28 @@ def prepare_corpus(data_cfg, *, seed: int = 1234, force: bool = False) -> dict:
     plus ``path`` (absolute) and ``reused`` (True when an up-to-date preparation was found)."""
     out_dir = os.path.abspath(os.path.expanduser(data_cfg.path))
     parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"data.path={out_dir} is a file; point data.path at a directory")
+    if not os.path.isdir(out_dir):  # to be created: no file in the way, a parent this user can write
+        from megatrain.config.preflight import check_output_dir
+        check_output_dir("data.path", out_dir)
     os.makedirs(parent, exist_ok=True)
     digest = config_hash(data_cfg, seed)
+    force = force or data_cfg.force_prepare
+    launch = launch_id()
     with _locked(os.path.join(parent, f".{name}.lock")):  # ranks/terminals preparing the same dir serialise here
-        if not force:
-            existing = _existing_summary(out_dir, digest)
-            if existing is not None:
-                return existing
+        # force rebuilds once per launch: the ranks of one launch that come after the first reuse its build
+        existing = None if force and launch is None else _existing_summary(
+            out_dir, digest, verify=data_cfg.verify_checksums, launch=launch if force else None)
+        if existing is not None:
+            return existing
         _refuse_foreign_dir(out_dir)
         check_sources(list(data_cfg.sources))
         for stale in glob.glob(os.path.join(parent, f".{name}.tmp-*")) + glob.glob(os.path.join(parent, f".{name}.old-*")):
             shutil.rmtree(stale, ignore_errors=True)  # leftovers of a killed prepare; we hold the lock
         tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
         try:
-            meta = _build(data_cfg, seed, tmp, digest)
+            meta = _build(data_cfg, seed, tmp, digest, launch)
             _atomic_swap(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -92,14 +131,22 @@ def prepare_corpus(data_cfg, *, seed: int = 1234, force: bool = False) -> dict:
     return dict(meta, path=out_dir, reused=False)
 
 
-def _build(data_cfg, seed: int, tmp: str, digest: str) -> dict:
+def launch_id() -> str | None:
+    """Same for every rank of one multi-rank deepspeed/torchrun launch (they share the rendezvous); None for
+    a single process, where a forced prepare always rebuilds."""
+    if "MASTER_PORT" in os.environ and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        return ":".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
+    return None
+
+
+def _build(data_cfg, seed: int, tmp: str, digest: str, launch: str | None = None) -> dict:
     t0 = time.perf_counter()
     docs, stats = _read_corpus(data_cfg)
     t_read = time.perf_counter() - t0
     is_val = split_documents(len(docs), data_cfg.val_fraction, seed)
     if data_cfg.val_fraction > 0 and len(docs) < 2:
-        log.warning("only %d document(s): the validation split is empty; add data or set data.val_fraction=0",
-                    len(docs))
+        log.warning("only %d document(s): the validation split is empty and training will run without "
+                    "validation; add data or set data.val_fraction=0", len(docs))
 
     t1 = time.perf_counter()
     tokenizer, tok_info = _make_tokenizer(data_cfg, tmp, [d for d, v in zip(docs, is_val) if not v], seed)
@@ -129,6 +176,7 @@ def _build(data_cfg, seed: int, tmp: str, digest: str) -> dict:
         "num_tokens": sum(s["num_tokens"] for s in splits.values()),
         "text_bytes": stats["bytes_kept"],
         "splits": splits,
+        "prepared_by": launch,
         "stats": stats,
         "seconds": {"read_clean": round(t_read, 3), "tokenizer": round(t_tok, 3), "encode_write": round(t_encode, 3),
                     "total": round(time.perf_counter() - t0, 3)},
@@ -184,7 +232,12 @@ def _make_tokenizer(data_cfg, tmp: str, train_docs: list[str], seed: int) -> tup
     """Copy the given tokenizer into the data dir (so the dir is self-contained), or train one."""
     if data_cfg.tokenizer is not None:
         src = os.path.expanduser(data_cfg.tokenizer)
-        given = load_tokenizer(src)
+        try:
+            given = load_tokenizer(src)
+        except (RuntimeError, OSError) as err:  # sentencepiece's "INTERNAL: ..." for a file that is not a model
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            raise DataError(f"data.tokenizer={src}: not a sentencepiece .model or Hugging Face tokenizer "
+                            f"({detail}); point it at a tokenizer or leave it unset to train one") from None
         if given.kind == "sentencepiece":
             rel = "tokenizer.model"
             shutil.copyfile(given.path, os.path.join(tmp, rel))
@@ -196,8 +249,16 @@ def _make_tokenizer(data_cfg, tmp: str, train_docs: list[str], seed: int) -> tup
         rel = "tokenizer.model"
         if not train_docs:
             raise DataError("no training documents to learn a tokenizer from; add data or set data.tokenizer")
-        train_sentencepiece(_tokenizer_sample(train_docs, seed), os.path.join(tmp, rel),
-                            vocab_size=data_cfg.vocab_size, num_threads=max(1, data_cfg.num_workers))
+        if data_cfg.vocab_size < MIN_TRAINED_VOCAB:
+            raise DataError(f"data.vocab_size={data_cfg.vocab_size} is below {MIN_TRAINED_VOCAB}, the 256 byte "
+                            "pieces + special tokens every trained tokenizer holds; raise data.vocab_size")
+        try:
+            train_sentencepiece(_tokenizer_sample(train_docs, seed), os.path.join(tmp, rel),
+                                vocab_size=data_cfg.vocab_size, num_threads=max(1, data_cfg.num_workers))
+        except RuntimeError as err:
+            detail = (str(err).strip().splitlines() or ["RuntimeError"])[0][:160]
+            raise DataError(f"data.vocab_size={data_cfg.vocab_size}: sentencepiece cannot train on this corpus "
+                            f"({detail}); change data.vocab_size or add data") from None
         info = {"kind": "sentencepiece", "path": rel, "source": "trained"}
     info["path_abs"] = os.path.join(tmp, rel)
     tok = load_tokenizer(info["path_abs"])
@@ -211,17 +272,26 @@ def _tokenizer_sample(docs: list[str], seed: int, budget: int = _TOKENIZER_SAMPL
     """Line-aligned chunks of ~_SENTENCE_CHARS from documents in a seeded order, up to ``budget`` chars.
 
     Chunks (not single lines) so '\\n' and indentation appear inside training sentences; sentencepiece
-    drops sentences longer than max_sentence_length, so very long lines are cut.
+    drops sentences longer than max_sentence_length, so very long lines are cut. Linear in the text read:
+    a long line is cut by index (never by re-slicing its remainder, which copied it once per chunk), and the
+    budget is checked after every chunk, so a 200 MB line costs at most ``budget`` chars of work here.
     """
     order = np.random.default_rng([seed, 0x70C]).permutation(len(docs))
-    used = 0
+    used, warned = 0, False
     for i in order:
         buf, size = [], 0
-        for line in docs[i].splitlines(keepends=True):
-            while len(line) > _SENTENCE_CHARS:
-                yield line[:_SENTENCE_CHARS]
-                used += _SENTENCE_CHARS
-                line = line[_SENTENCE_CHARS:]
+        for line in _lines(docs[i]):
+            if len(line) > _SENTENCE_CHARS:
+                if len(line) > _LONG_LINE_CHARS and not warned:
+                    warned = True
+                    log.warning("a %d-character line (document %d) is split into %d-character pieces for "
+                                "tokenizer training; is this input meant to be text?", len(line), i, _SENTENCE_CHARS)
+                for start in range(0, len(line) - _SENTENCE_CHARS, _SENTENCE_CHARS):
+                    yield line[start:start + _SENTENCE_CHARS]
+                    used += _SENTENCE_CHARS
+                    if used >= budget:
+                        return
+                line = line[len(line) - (len(line) - 1) % _SENTENCE_CHARS - 1:]  # the last 1.._SENTENCE_CHARS
             buf.append(line)
             size += len(line)
             if size >= _SENTENCE_CHARS:
@@ -234,6 +304,16 @@ def _tokenizer_sample(docs: list[str], seed: int, budget: int = _TOKENIZER_SAMPL
             used += size
         if used >= budget:
             return
+
+
+def _lines(text: str) -> Iterator[str]:
+    """``text.splitlines(keepends=True)`` lazily, on '\\n' only (one pass, no list of every line)."""
+    start, n = 0, len(text)
+    while start < n:
+        end = text.find("\n", start)
+        end = n if end < 0 else end + 1
+        yield text[start:end]
+        start = end
 
 
 # ------------------------------------------------------------------------------------- encode and write
@@ -279,12 +359,13 @@ def _encoded(texts: list[str], tok_path: str, tokenizer: Tokenizer, num_workers:
 def _write_split(texts: list[str], prefix: str, tok_path: str, tokenizer: Tokenizer, dtype,
                  num_workers: int) -> dict:
     eos = np.asarray([tokenizer.eos_id], dtype=np.int64)
-    shards, writer, num_docs, num_tokens = [], None, 0, 0
+    shards, writer, num_docs, num_tokens, checksums = [], None, 0, 0, {}
     name = os.path.basename(prefix)
     for ids in _encoded(texts, tok_path, tokenizer, num_workers):
         if writer is None or (writer.num_tokens and writer.num_tokens + ids.size + 1 > _SHARD_TOKENS):
             if writer is not None:
                 writer.close()
+                checksums[shards[-1]] = writer.record
             shards.append(f"{name}-{len(shards):05d}")
             writer = ShardWriter(os.path.join(os.path.dirname(prefix), shards[-1]), dtype)
         writer.add(np.concatenate([ids, eos]))  # (doc_len + 1,)
@@ -294,38 +375,126 @@ def _write_split(texts: list[str], prefix: str, tok_path: str, tokenizer: Tokeni
         shards.append(f"{name}-00000")
         writer = ShardWriter(os.path.join(os.path.dirname(prefix), shards[-1]), dtype)
     writer.close()
-    return {"num_docs": num_docs, "num_tokens": num_tokens, "shards": shards}
+    checksums[shards[-1]] = writer.record
+    return {"num_docs": num_docs, "num_tokens": num_tokens, "shards": shards, "checksums": checksums}
 
 
 # ------------------------------------------------------------------------------- idempotence, atomicity
 
 def read_meta(data_dir: str) -> dict:
+    """meta.json of a prepared data dir, with the fields readers rely on checked (one line naming the field)."""
+    from megatrain.safe_io import read_json
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise DataError(f"{data_dir} is not a prepared data directory (no meta.json); run "
                          "`python launch/prepare.py --config <recipe>` or fix data.path")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
+    fix = "prepare again with --data.force_prepare=true"
+    meta = read_json(path, what="prepared data", fix=fix, error=DataError)
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path}: data format version {meta.get('format_version')}, this megatrain reads "
-                         f"{FORMAT_VERSION}; prepare again with --force")
+                         f"{FORMAT_VERSION}; {fix}")
+    for key in ("vocab_size", "eos_id"):
+        if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int) or meta[key] < 0:
+            raise DataError(f"{path}: field {key!r} missing or not a non-negative integer; {fix}")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or "train" not in splits:
+        raise DataError(f"{path}: field 'splits' missing or without a 'train' split; {fix}")
+    for name, split in splits.items():
+        if (not isinstance(split, dict) or not isinstance(split.get("shards"), list)
+                or not all(isinstance(x, str) and x and os.sep not in x and x not in (".", "..")
+                           for x in split["shards"])
+                or isinstance(split.get("num_tokens"), bool) or not isinstance(split.get("num_tokens"), int)):
+            raise DataError(f"{path}: split {name!r} needs 'shards' (a list of shard names inside the directory) "
+                            f"and an integer 'num_tokens'; {fix}")
     return meta
 
 
-def _existing_summary(out_dir: str, digest: str) -> dict | None:
+def check_tokenizer_vocab(data_dir: str, meta: dict) -> None:
+    """meta.json's vocab_size must be the tokenizer's: a larger one silently builds a larger embedding, a
+    smaller one lets ids index past it. Checked once per process per data dir."""
+    if (data_dir, "vocab") in _VERIFIED:
+        return
+    tok = meta.get("tokenizer")
+    if isinstance(tok, dict) and isinstance(tok.get("path"), str):
+        path = os.path.join(data_dir, tok["path"])
+        if os.path.exists(path):
+            try:
+                have = load_tokenizer(path).vocab_size
+            except (RuntimeError, OSError):
+                raise DataError(f"{path}: the tokenizer of prepared data {data_dir} cannot be loaded; prepare "
+                                "again with --data.force_prepare=true") from None
+            if have != meta["vocab_size"]:
+                raise DataError(f"{data_dir}/meta.json records vocab_size={meta['vocab_size']} but its tokenizer "
+                                f"{path} has {have} pieces; prepare again with --data.force_prepare=true")
+    _VERIFIED.add((data_dir, "vocab"))
+
+
+def empty_split_holds_tokens(data_dir: str, meta: dict, split: str) -> None:
+    """A split meta.json records as empty must be empty on disk (else validation would vanish silently)."""
+    shards = (meta["splits"].get(split) or {}).get("shards", [])
+    held = sum(ShardReader(os.path.join(data_dir, name)).num_tokens for name in shards)
+    if held:
+        raise DataError(f"{data_dir}/meta.json records 0 tokens in split '{split}' but its shards hold {held}; "
+                        "prepare again with --data.force_prepare=true")
+
+
+_VERIFIED: set[tuple] = set()  # (shard prefix, size, mtime_ns) whose checksum passed in this process
+
+
+def verify_shards(data_dir: str, meta: dict, *, checksums: bool = True) -> None:
+    """Open every shard (sizes, magic, offsets) and, with ``checksums``, compare its .bin/.idx CRC-32 with the
+    value prepare recorded; each shard is checksummed once per process. A mismatch is one line naming the
+    shard. Data prepared before checksums existed is accepted with a warning."""
+    from megatrain.data.indexed import file_crc32
+    fix = "; the file was changed after prepare - prepare again with --data.force_prepare=true"
+    for split_name, split in meta["splits"].items():
+        records = split.get("checksums")
+        for shard in split["shards"]:
+            prefix = os.path.join(data_dir, shard)
+            ShardReader(prefix)
+            if not checksums:
+                continue
+            record = records.get(shard) if isinstance(records, dict) else None
+            if not isinstance(record, dict):
+                if (data_dir, "legacy") not in _VERIFIED:
+                    _VERIFIED.add((data_dir, "legacy"))
+                    log.warning("%s: no shard checksums recorded (prepared by an older megatrain); contents are "
+                                "not verified - prepare again with --data.force_prepare=true to record them", data_dir)
+                continue
+            for ext, key in ((".bin", "bin_crc32"), (".idx", "idx_crc32")):
+                st = os.stat(prefix + ext)
+                stamp = (prefix + ext, st.st_size, st.st_mtime_ns)
+                if stamp in _VERIFIED:
+                    continue
+                if file_crc32(prefix + ext) != record.get(key):
+                    raise CorruptShardError(f"shard {prefix}{ext} of split '{split_name}' fails its checksum "
+                                            f"(CRC-32 differs from meta.json){fix}")
+                _VERIFIED.add(stamp)
+
+
+def _existing_summary(out_dir: str, digest: str, *, verify: bool = True, launch: str | None = None) -> dict | None:
+    """The summary of an up-to-date, intact preparation in ``out_dir``, or None (with the reason logged).
+    ``launch``: reuse only a preparation made by that launch (force_prepare)."""
     try:
         meta = read_meta(out_dir)
-    except (ValueError, json.JSONDecodeError):
+    except DataError:
+        return None
+    if launch is not None and meta.get("prepared_by") != launch:
+        log.info("%s: data.force_prepare is set; preparing again", out_dir)
         return None
     if meta.get("config_hash") != digest:
-        log.info("%s was prepared from a different data config; preparing again", out_dir)
+        old, new = meta.get("config") or {}, config_fingerprint_cache.get(digest, {})
+        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if "source_contents" in changed:
+            log.warning("%s: the contents of data.sources changed since it was prepared; preparing again", out_dir)
+        else:
+            log.warning("%s was prepared from a different data config (%s differ); preparing again", out_dir,
+                        ", ".join(changed) or "config hash")
         return None
     try:
-        for split in meta["splits"].values():
-            for shard in split["shards"]:
-                ShardReader(os.path.join(out_dir, shard))
-    except (CorruptShardError, KeyError) as err:
-        log.warning("%s: %s; preparing again", out_dir, err)
+        verify_shards(out_dir, meta, checksums=verify)
+    except CorruptShardError as err:
+        log.warning("%s; preparing again", err)
         return None
     return dict(meta, path=out_dir, reused=True)
 

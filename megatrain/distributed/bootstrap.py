@@ -6,12 +6,11 @@ or one predicted not to fit fails on every rank at once with the same one-line r
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 from megatrain.config import Config, Layout, resolve_layout
-from megatrain.errors import ConfigError
+from megatrain.config.preflight import preflight as config_preflight
 
 
 @dataclass(frozen=True)
@@ -23,23 +22,12 @@ class Launch:
     dims: object  # megatrain.distributed.dims.ParallelDims
 
 
-def launched_world_size() -> int:
-    raw = os.environ.get("WORLD_SIZE", "1")
-    try:
-        world = int(raw)
-    except ValueError:
-        raise ConfigError(f"WORLD_SIZE={raw!r} is not an integer; unset it or let the launcher set it") from None
-    if world < 1:
-        raise ConfigError(f"WORLD_SIZE={world} must be at least 1; unset it or let the launcher set it")
-    return world
-
-
 def bootstrap(cfg: Config, local_rank: int | None = None, *,
               preflight: Callable[[Config, int], None] | None = None) -> Launch:
-    """Check, then create the process groups of ``cfg``'s layout. ``preflight(cfg, world_size)`` raises a
-    UserError to refuse the run (launchers pass the memory planner's check)."""
-    world = launched_world_size()
-    resolve_layout(cfg, world)
+    """Check, then create the process groups of ``cfg``'s layout: the config's own preflight (WORLD_SIZE, kernels
+    on this machine, output dirs, layout, merged DeepSpeed config), then ``preflight(cfg, world_size)`` if given,
+    which raises a UserError to refuse the run (launchers pass the memory planner's check)."""
+    world = config_preflight(cfg)
     if preflight is not None:
         preflight(cfg, world)
     from megatrain.distributed.dims import build_parallel_dims

@@ -7,7 +7,6 @@ the samples any member trained on (checked: an overlap would flatter the ensembl
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Callable
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from megatrain.distributed.env import is_main_process
 from megatrain.eval._io import write_json, write_text
 from megatrain.train.metrics import classification_metrics, confusion_matrix
-from megatrain.errors import UserError
+from megatrain.errors import CheckpointError, UserError
 
 
 def combine(probs: list[torch.Tensor], mode: str = "mean_prob") -> torch.Tensor:
@@ -99,12 +98,17 @@ def _read_checkpoint(step_dir: str):
         from megatrain.checkpoint import load_model_state
         cfg, state = load_model_state(step_dir)
     else:
-        with open(os.path.join(step_dir, "megatrain.json"), encoding="utf-8") as f:
-            cfg = build_config(json.load(f)["config"])
+        from megatrain.safe_io import load_legacy_module_state, read_json
+        meta_path = os.path.join(step_dir, "megatrain.json")
+        meta = read_json(meta_path, what="checkpoint metadata", fix="was it saved by megatrain?",
+                         error=CheckpointError)
+        if not isinstance(meta.get("config"), dict):
+            raise CheckpointError(f"checkpoint metadata {meta_path}: no 'config' object; was it saved by megatrain?")
+        cfg = build_config(meta["config"])
         files = sorted(f for f in os.listdir(step_dir) if f.endswith("model_states.pt"))
         if not files:
             raise UserError(f"checkpoint {step_dir}: no model files; was it saved by megatrain?")
-        state = torch.load(os.path.join(step_dir, files[0]), map_location="cpu", weights_only=False)["module"]
+        state = load_legacy_module_state(os.path.join(step_dir, files[0]))
     return cfg, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 

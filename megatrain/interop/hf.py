@@ -31,8 +31,9 @@ def read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"model.from_hf={path}: no config.json; pass a local Hugging Face model directory")
-    with open(cfg_path, encoding="utf-8") as f:
-        return json.load(f)
+    from megatrain.safe_io import read_json
+    return read_json(cfg_path, what=f"model.from_hf={path}: config", fix="pass a local Hugging Face model directory",
+                     error=CheckpointError)
 
 
 def model_config_from_hf(path: str, base: ModelConfig | None = None, *, explicit: dict | None = None) -> ModelConfig:

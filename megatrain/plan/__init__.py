@@ -18,7 +18,7 @@ __all__ = ["GIB", "StageMemory", "plan_memory", "check_fits", "memory_preflight"
 
 
 def planned_world_size(cfg: Config) -> int:
-    from megatrain.distributed.bootstrap import launched_world_size
+    from megatrain.config.preflight import launched_world_size
     return cfg.plan.world_size or launched_world_size()
 
 

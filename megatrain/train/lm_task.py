@@ -46,16 +46,26 @@ class LanguageModelingTask:
 
     def train_dataset(self):
         from megatrain.data.dataset import PackedTokenDataset
-        return PackedTokenDataset(self.cfg.data.path, "train", self.cfg.seq_len)
+        return PackedTokenDataset(self.cfg.data.path, "train", self.cfg.seq_len, vocab_size=self.cfg.model.vocab_size,
+                                  verify_checksums=self.cfg.data.verify_checksums)
 
     def val_dataset(self):
         """The validation split, or None when prepare held none out (val_fraction=0). A corrupt or
         too-short split is an error, not a silently skipped validation."""
         from megatrain.data.dataset import PackedTokenDataset
         from megatrain.data.prepare import read_meta
-        if read_meta(self.cfg.data.path)["splits"].get("val", {}).get("num_tokens", 0) == 0:
+        meta = read_meta(self.cfg.data.path)
+        if meta["splits"].get("val", {}).get("num_tokens", 0) == 0:
+            from megatrain.data.prepare import empty_split_holds_tokens
+            empty_split_holds_tokens(self.cfg.data.path, meta, "val")  # meta.json edited: one line, not silence
+            if (meta.get("config") or {}).get("val_fraction", 0):
+                import logging  # an empty val split is said out loud, never a silent "no validation"
+                logging.getLogger("megatrain.data").warning(
+                    "data.path=%s: the validation split is empty (0 tokens), so this run has no validation; "
+                    "add documents or raise data.val_fraction and prepare again", self.cfg.data.path)
             return None
-        return PackedTokenDataset(self.cfg.data.path, "val", self.cfg.seq_len)
+        return PackedTokenDataset(self.cfg.data.path, "val", self.cfg.seq_len, vocab_size=self.cfg.model.vocab_size,
+                                  verify_checksums=self.cfg.data.verify_checksums)
 
     def validation_for(self, data_path: str):
         """The validation split of another prepared corpus (continual training tracks forgetting on it)."""

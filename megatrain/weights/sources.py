@@ -5,7 +5,7 @@ Sources, tried in this order by :func:`load_model_state`:
   - a compressed-model dir written by ``save_model`` (model.safetensors + config.yaml);
   - a local Hugging Face dir (config.json + *.safetensors), through megatrain.interop.hf_maps;
   - a megatrain checkpoint: a layout-free one (manifest.json) through megatrain.checkpoint.layout_free, an
-    older DeepSpeed one from its tp=1 ``mp_rank_00_model_states.pt`` read with ``weights_only=True``.
+    older DeepSpeed one from its tp=1 ``mp_rank_00_model_states.pt`` read by megatrain.safe_io (tensors only, never code).
 A run dir (holding checkpoints/), a checkpoints dir (holding ``latest``) and one step dir are all accepted.
 A fresh model's weights come from the name-seeded init (``megatrain.parallelize.materialize.InitSource``); a Hugging
 Face directory given as ``model.from_hf`` is read by ``megatrain.interop.hf`` one tensor at a time.
@@ -13,7 +13,6 @@ Face directory given as ``model.from_hf`` is read by ``megatrain.interop.hf`` on
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import torch
@@ -21,7 +20,8 @@ import yaml
 
 from megatrain.config.schema import ModelConfig
 from megatrain.fsutil import atomic_write_text
-from megatrain.errors import UserError
+from megatrain.errors import CheckpointError, UserError
+from megatrain.safe_io import load_safetensors, read_yaml_model
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
 
@@ -53,14 +53,17 @@ def _step_dir(path: str) -> str | None:
 
 
 def _from_deepspeed(step_dir: str) -> tuple[ModelConfig, dict]:
-    with open(os.path.join(step_dir, "megatrain.json"), encoding="utf-8") as f:
-        meta = json.load(f)
+    from megatrain.safe_io import load_legacy_module_state, read_json
+    meta_path = os.path.join(step_dir, "megatrain.json")
+    meta = read_json(meta_path, what="checkpoint metadata", fix="was it saved by megatrain?", error=CheckpointError)
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("model"), dict):
+        raise CheckpointError(f"checkpoint metadata {meta_path}: no 'config.model' object; was it saved by megatrain?")
     model_cfg = ModelConfig(**meta["config"]["model"])
     files = sorted(glob.glob(os.path.join(step_dir, "mp_rank_*_model_states.pt")))
     if len(files) != 1:
         raise UserError(f"{step_dir}: {len(files)} model-state files (a tp/pp>1 DeepSpeed checkpoint); these passes "
                          "read tp=1 pp=1 checkpoints until the layout-free loader lands; re-save with tp=1")
-    state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    state = load_legacy_module_state(files[0])
     if not state:
         raise UserError(f"{step_dir}: no module weights in the DeepSpeed checkpoint (ZeRO-3 partitions them); "
                          "save with parallel.zero_stage<=2 or convert with zero_to_fp32")
@@ -68,17 +71,17 @@ def _from_deepspeed(step_dir: str) -> tuple[ModelConfig, dict]:
 
 
 def _from_hf(path: str) -> tuple[ModelConfig, dict]:
-    from safetensors.torch import load_file
-
     from megatrain.interop.hf_maps import from_hf_state, model_fields_from_hf
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        model_cfg = ModelConfig(**model_fields_from_hf(json.load(f)))
+    from megatrain.safe_io import read_json
+    hf_cfg = read_json(os.path.join(path, "config.json"), what="Hugging Face config",
+                       fix="pass a local Hugging Face model directory", error=CheckpointError)
+    model_cfg = ModelConfig(**model_fields_from_hf(hf_cfg))
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise UserError(f"{path}: Hugging Face dir without *.safetensors; save it with safe_serialization=True")
     hf_state: dict = {}
     for f in files:
-        hf_state.update(load_file(f))
+        hf_state.update(load_safetensors(f))
     return model_cfg, from_hf_state({k: v.float() for k, v in hf_state.items()}, model_cfg)
 
 
@@ -87,10 +90,9 @@ def load_model_state(path: str) -> tuple[ModelConfig, dict]:
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such directory; pass a run/checkpoint dir, a pruned model dir or an HF dir")
     if os.path.isfile(os.path.join(path, MODEL_FILE)) and os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        from safetensors.torch import load_file
-        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
-            model_cfg = ModelConfig(**yaml.safe_load(f)["model"])
-        state = load_file(os.path.join(path, MODEL_FILE))
+        doc = read_yaml_model(os.path.join(path, CONFIG_FILE))
+        model_cfg = ModelConfig(**doc["model"])
+        state = load_safetensors(os.path.join(path, MODEL_FILE))
         if model_cfg.tied:
             head, embed = tied_keys(model_cfg)
             state[head] = state[embed]
