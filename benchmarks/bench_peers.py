@@ -150,8 +150,12 @@ def one_process(args, rest: list[str]) -> dict:
 
     def next_token_loss(outputs, labels, num_items_in_batch=None):
         # megatrain's labels are already the next tokens: no shift (HF's own loss would shift again)
+        # the Trainer passes the token count of the whole accumulated step: sum / count is its mean
         logits = outputs.logits  # (B, T, V)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        if num_items_in_batch is None:
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+        return total / num_items_in_batch
 
     model = hf_model(cfg)
     opt, sched = _optimizer(cfg, model)
@@ -247,9 +251,14 @@ def main():
             x = spreads[peer]["median"] / sp["median"]
             res["tokens_per_s"][name], res["ratio_vs"][name] = tps, x
             print(f"{name:28s} {common.fmt_spread(tps):>30s} {sp['median'] * 1e3:9.1f} {x:28.3f}")
+        res["paired_ratio"] = {}
         for name in spreads:
             if name != ours:
-                print(f"  {ours} / {name}: {spreads[name]['median'] / spreads[ours]['median']:.3f}x")
+                # per round (the two steps ran back to back): robust to the load drifting during the run
+                paired = common.spread([b / a for a, b in zip(res["step_s"][ours], res["step_s"][name])])
+                res["paired_ratio"][name] = paired
+                print(f"  {ours} / {name}: {spreads[name]['median'] / spreads[ours]['median']:.3f}x of medians, "
+                      f"{common.fmt_spread(paired, fmt='{:.3f}')} per round")
         record[title] = res
     common.save_record(args.out, record)
     print(f"wrote {args.out}")
