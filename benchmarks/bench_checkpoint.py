@@ -1,8 +1,8 @@
-"""Checkpoint I/O: save/load GB/s of megatrain's layout-free format vs torch.save and safetensors.save_file
-of the same bytes (side by side, one run), and peak RSS per rank when a ~1B-parameter Hugging Face
+"""Checkpoint I/O: save/load GB/s of megatrain's layout-free format (checksums, fsync, manifest; verified on
+load) vs safetensors, torch.save (both fsynced) and torch DCP on the same bytes, interleaved in one run, and peak RSS per rank when a ~1B-parameter Hugging Face
 checkpoint (random weights written by transformers) is loaded into tp=2 × pp=2 on CPU.
 
-    python benchmarks/bench_checkpoint.py [--io-params 2e8] [--hf-size 1b|tiny] [--skip-rss]
+    python benchmarks/bench_checkpoint.py [--io-params 1e8] [--rounds 3] [--hf-size 1b|tiny] [--skip-rss]
 """
 from __future__ import annotations
 
@@ -18,8 +18,15 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
 
 import torch  # noqa: E402
+import warnings  # noqa: E402
+
+# DCP warns on every call that it runs without a process group: the single-process intent is ours
+warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
 
 SIZES = {  # Llama-3.2-1B shape (1.24B params) and a tiny one for a quick check
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -39,43 +46,85 @@ def _drop_cache(path: str) -> None:
         pass
 
 
-def io_table(n_params: int, out: str) -> list[dict]:
+def _fsync(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _writers_and_readers(tensors: dict):
+    """name -> (save(dir), load(dir) -> dict of tensors). Every writer fsyncs, so all pay for durability."""
+    import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file, save_file
 
     from megatrain.checkpoint.store import CheckpointSource, FORMAT, atomic_write_text, write_tensors
+
+    def mega_save(d):  # one-pass checksums, fsync and the manifest
+        entry = write_tensors(os.path.join(d, "model-s0.safetensors"), tensors)
+        atomic_write_text(os.path.join(d, "manifest.json"), json.dumps(
+            {"format": FORMAT, "step": 0, "files": {"model-s0.safetensors": entry}}))
+
+    def mega_load(d):  # checksums verified while reading
+        src = CheckpointSource(d, verify=True)
+        return {k: src.tensor(k) for k in tensors}
+
+    def st_save(d):
+        save_file(tensors, os.path.join(d, "m.safetensors"))
+        _fsync(os.path.join(d, "m.safetensors"))
+
+    def pt_save(d):
+        torch.save(tensors, os.path.join(d, "m.pt"))
+        _fsync(os.path.join(d, "m.pt"))
+
+    def dcp_load(d):
+        out = {k: torch.empty_like(v) for k, v in tensors.items()}
+        dcp.load(out, checkpoint_id=d, no_dist=True)
+        return out
+
+    return {
+        "megatrain layout-free": (mega_save, mega_load),
+        "safetensors+fsync": (st_save, lambda d: load_file(os.path.join(d, "m.safetensors"))),
+        "torch.save+fsync": (pt_save, lambda d: torch.load(os.path.join(d, "m.pt"), weights_only=True)),
+        "torch DCP": (lambda d: dcp.save(tensors, checkpoint_id=d, no_dist=True), dcp_load),
+    }
+
+
+def io_table(n_params: int, out: str, *, rounds: int = 3) -> dict:
+    """Save and load times of each writer: one warm-up round, then ``rounds`` rounds, the writers' order
+    rotated every round so none always runs first (or right after another's page-cache churn)."""
     n_tensors = 64
     tensors = {f"layers.{i}.w": torch.randn(n_params // n_tensors) for i in range(n_tensors)}
     gb = sum(t.numel() * 4 for t in tensors.values()) / 1e9
+    variants = _writers_and_readers(tensors)
+    names = list(variants)
+    samples = {n: {"save_s": [], "load_s": []} for n in names}
+    for r in range(rounds + 1):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            save, load = variants[name]
+            d = tempfile.mkdtemp(dir=out)
+            t0 = time.perf_counter()
+            save(d)
+            save_s = time.perf_counter() - t0
+            for f in os.listdir(d):
+                _drop_cache(os.path.join(d, f))
+            t0 = time.perf_counter()
+            loaded = load(d)
+            total = sum(float(t[0]) for t in loaded.values())  # touch the data (safetensors maps lazily)
+            load_s = time.perf_counter() - t0
+            assert total == total and set(loaded) == set(tensors)
+            shutil.rmtree(d)
+            if r:  # round 0 is the warm-up
+                samples[name]["save_s"].append(save_s)
+                samples[name]["load_s"].append(load_s)
     rows = []
-    for name in ("megatrain layout-free", "safetensors.save_file", "torch.save"):
-        d = tempfile.mkdtemp(dir=out)
-        path = os.path.join(d, "model-s0.safetensors" if name != "torch.save" else "model.pt")
-        t0 = time.perf_counter()
-        if name == "megatrain layout-free":  # includes checksums, fsync and the manifest
-            entry = write_tensors(path, tensors)
-            atomic_write_text(os.path.join(d, "manifest.json"), json.dumps(
-                {"format": FORMAT, "step": 0, "files": {"model-s0.safetensors": entry}}))
-        elif name == "safetensors.save_file":
-            save_file(tensors, path)
-        else:
-            torch.save(tensors, path)
-        save_s = time.perf_counter() - t0
-        _drop_cache(path)
-        t0 = time.perf_counter()
-        if name == "megatrain layout-free":
-            src = CheckpointSource(d)
-            loaded = {k: src.tensor(k) for k in tensors}
-        elif name == "safetensors.save_file":
-            loaded = load_file(path)
-        else:
-            loaded = torch.load(path, weights_only=True)
-        total = sum(float(t[0]) for t in loaded.values())  # touch the data (safetensors maps lazily)
-        load_s = time.perf_counter() - t0
-        assert total == total
-        rows.append({"writer": name, "GB": gb, "save_s": save_s, "load_s": load_s, "save_GBps": gb / save_s,
-                     "load_GBps": gb / load_s})
-        shutil.rmtree(d)
-    return rows
+    for name in names:
+        save, load = common.spread(samples[name]["save_s"]), common.spread(samples[name]["load_s"])
+        rows.append({"writer": name, "GB": gb, "save_s": save, "load_s": load,
+                     "save_GBps": gb / save["median"], "load_GBps": gb / load["median"]})
+    by = {r["writer"]: r for r in rows}
+    mega = by["megatrain layout-free"]
+    ratios = {"save_vs_safetensors_fsync": by["safetensors+fsync"]["save_s"]["median"] / mega["save_s"]["median"],
+              "load_vs_dcp": by["torch DCP"]["load_s"]["median"] / mega["load_s"]["median"]}
+    return {"rows": rows, "ratios": ratios, "rounds": rounds}
 
 
 def _peak_rss_mb() -> float:
@@ -135,7 +184,8 @@ def rss_table(size: str, out: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--io-params", type=float, default=2e8)
+    parser.add_argument("--io-params", type=float, default=1e8, help="fp32 parameters in the I/O table (1e8: 0.4 GB)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the I/O table (after one warm-up)")
     parser.add_argument("--hf-size", choices=sorted(SIZES), default="1b")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--workdir", default=None, help="where the generated checkpoints go (default: a temp dir)")
@@ -146,12 +196,19 @@ def main():
         return _rank_load(args.rank_load)
     work = args.workdir or tempfile.mkdtemp(prefix="bench_ckpt_")
     os.makedirs(work, exist_ok=True)
-    rows = io_table(int(args.io_params), work)
-    print(f"\n{'writer':24s} {'GB':>6s} {'save s':>8s} {'save GB/s':>10s} {'load s':>8s} {'load GB/s':>10s}")
-    for r in rows:
-        print(f"{r['writer']:24s} {r['GB']:6.2f} {r['save_s']:8.2f} {r['save_GBps']:10.2f} {r['load_s']:8.2f} {r['load_GBps']:10.2f}")
+    load_before = common.load_averages()
+    io = io_table(int(args.io_params), work, rounds=args.rounds)
+    print(f"\nload averages before/after: {load_before} / {common.load_averages()}; {io['rounds']} rounds after a "
+          "warm-up, writers rotated each round; median [min, max]")
+    print(f"{'writer':24s} {'GB':>6s} {'save s':>20s} {'save GB/s':>10s} {'load s':>20s} {'load GB/s':>10s}")
+    for r in io["rows"]:
+        print(f"{r['writer']:24s} {r['GB']:6.2f} {common.fmt_spread(r['save_s'], fmt='{:.3f}'):>20s} "
+              f"{r['save_GBps']:10.2f} {common.fmt_spread(r['load_s'], fmt='{:.3f}'):>20s} {r['load_GBps']:10.2f}")
+    print(f"megatrain save vs safetensors+fsync: {io['ratios']['save_vs_safetensors_fsync']:.2f}x (target >= 0.8); "
+          f"load vs torch DCP: {io['ratios']['load_vs_dcp']:.2f}x (target >= 1.0)")
     result = {"benchmark": "bench_checkpoint", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "io": rows}
+              "machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+              "load_averages": [load_before, common.load_averages()], "io": io}
     if not args.skip_rss:
         rss = rss_table(args.hf_size, work)
         result["rss"] = rss

@@ -1,9 +1,11 @@
 """Tokens/s of megatrain's training loop (Trainer on the DeepSpeed engine) vs a bare torch loop.
 
-Same model, optimizer (AdamW), schedule, clipping, batches, one process, measured side by side in one run:
-the two loops alternate in rounds so machine noise hits both alike. Prints a table and writes JSON.
+Same model, optimizer (the AdamW ``megatrain.ops.make_adamw`` picks: the C++ one on CPU, for both loops),
+schedule, clipping, batches, one process, measured side by side in one run: the loops alternate every step
+(which goes first alternates too) so machine noise hits both alike. Prints median [min, max] per step, the
+load averages, and writes JSON.
 
-    python benchmarks/bench_train.py [--config recipes/tiny_cpu_gpt.yaml] [--steps 10] [--rounds 3] [--section.key=value]
+    python benchmarks/bench_train.py [--config recipes/tiny_cpu_gpt.yaml] [--steps 30] [--section.key=value]
 """
 from __future__ import annotations
 
@@ -25,10 +27,13 @@ from megatrain.config import load_config  # noqa: E402
 
 def bare_loop(cfg, model, dataset, sampler, device):
     """The loop a user would write by hand: forward, CE, backward, clip, AdamW, scheduler."""
+    from megatrain.ops import make_adamw
     from megatrain.train.regularization import param_groups
     from megatrain.train.schedules import lr_multiplier
     t = cfg.train
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    # the optimizer the Trainer builds (not torch's per-tensor AdamW: that flattered megatrain by 2-5%)
+    opt = make_adamw(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                     weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(t))
     accum = t.global_batch_size // t.micro_batch_size
     state = {"step": 0}
@@ -52,20 +57,21 @@ def bare_loop(cfg, model, dataset, sampler, device):
     return step
 
 
-def timed(fn, n):
-    times, items = [], 0
-    for _ in range(n):
-        t0 = time.perf_counter()
-        items = fn()
-        times.append(time.perf_counter() - t0)
-    return items, times
+def alternate(fns: dict, n: int) -> dict[str, list[float]]:
+    """Seconds per step of each loop, one step of each in turn, the starting loop rotated every round."""
+    names, times = list(fns), {k: [] for k in fns}
+    for i in range(n):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="recipes/tiny_cpu_gpt.yaml")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps of each loop (after 2 warm-up steps)")
     parser.add_argument("--out", default="benchmarks/results/bench_train.json")
     args, rest = parser.parse_known_args()
     overrides = ["--log.progress=none", "--log.tensorboard=false", "--log.report=false", "--log.dir=/tmp/bench_train",
@@ -88,26 +94,25 @@ def main():
         trainer.step += 1
         return cfg.train.global_batch_size * cfg.seq_len
 
-    timed(mega, 2), timed(bare, 2)  # warm-up: allocator, first-call overheads
-    mega_t, bare_t = [], []
-    for _ in range(args.rounds):
-        tokens, t = timed(mega, args.steps)
-        mega_t += t
-        _, t = timed(bare, args.steps)
-        bare_t += t
-    mega_tps, bare_tps = tokens / statistics.median(mega_t), tokens / statistics.median(bare_t)
-    rows = [("megatrain Trainer (DeepSpeed engine)", mega_tps, statistics.median(mega_t)),
-            ("bare torch loop", bare_tps, statistics.median(bare_t))]
+    alternate({"mega": mega, "bare": bare}, 2)  # warm-up: allocator, first-call overheads
+    load_before = common.load_averages()
+    times = alternate({"mega": mega, "bare": bare}, args.steps)
+    tokens = cfg.train.global_batch_size * cfg.seq_len
+    mega_s, bare_s = common.spread(times["mega"]), common.spread(times["bare"])
     print(f"\nmodel {cfg.model.arch} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"{tokens} tokens/step, {args.rounds}x{args.steps} steps each, interleaved, torch threads {torch.get_num_threads()}")
-    print(f"{'loop':40s} {'tokens/s':>10s} {'ms/step (median)':>18s}")
-    for name, tps, t in rows:
-        print(f"{name:40s} {tps:10.0f} {t * 1e3:18.1f}")
-    ratio = mega_tps / bare_tps
+          f"{tokens} tokens/step, {args.steps} steps each, alternating every step, torch threads "
+          f"{torch.get_num_threads()}, load averages before/after {load_before} / {common.load_averages()}")
+    print(f"{'loop':40s} {'tokens/s median [min, max]':>30s} {'ms/step median':>15s}")
+    for name, sp in (("megatrain Trainer (DeepSpeed engine)", mega_s), ("bare torch loop, same AdamW", bare_s)):
+        tps = {"median": tokens / sp["median"], "min": tokens / sp["max"], "max": tokens / sp["min"]}
+        print(f"{name:40s} {common.fmt_spread(tps):>30s} {sp['median'] * 1e3:15.1f}")
+    ratio = bare_s["median"] / mega_s["median"]
     print(f"ratio megatrain / bare = {ratio:.3f} (target >= 0.95)")
     result = {**common.run_header("bench_train", device=str(trainer.device), config=args.config, overrides=overrides),
-              "tokens_per_step": tokens, "megatrain_tokens_per_s": mega_tps, "bare_tokens_per_s": bare_tps,
-              "ratio": ratio, "megatrain_step_s": mega_t, "bare_step_s": bare_t}
+              "tokens_per_step": tokens, "megatrain_tokens_per_s": tokens / mega_s["median"],
+              "bare_tokens_per_s": tokens / bare_s["median"], "ratio": ratio, "megatrain_step_s": times["mega"],
+              "bare_step_s": times["bare"], "load_averages": [load_before, common.load_averages()],
+              "optimizer": type(trainer.optimizer).__name__}
     common.save_record(args.out, result)
     print(f"wrote {args.out}")
 

@@ -257,3 +257,20 @@ def backward_of(forward: Callable[[], object], inputs: list) -> Callable[[], Non
         torch.autograd.backward(graph["outs"], graph["grads"], retain_graph=True)
 
     return run_backward
+
+
+def load_averages() -> str:
+    """'1.02 0.97 0.88' (1, 5, 15 min): printed with CPU figures, since this machine is often shared."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def spread(samples: list[float]) -> dict:
+    """{median, min, max, n} of a list of samples: what a CPU benchmark reports as `median [min, max]`."""
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def fmt_spread(s: dict, scale: float = 1.0, fmt: str = "{:.0f}") -> str:
+    return f"{fmt.format(s['median'] * scale)} [{fmt.format(s['min'] * scale)}, {fmt.format(s['max'] * scale)}]"

@@ -2,9 +2,12 @@
 
 Otherwise the first training ranks all start the same compile at once and wait on one lock; a build
 killed half way would leave that lock behind and every later run waiting on it. Run it again any time:
-builds are cached, so it returns in seconds."""
+builds are cached, so it returns in seconds. Every build uses the ninja and cache that
+``megatrain.pin_jit_toolchain`` chose (printed first), so a later run from another shell finds them current."""
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 import megatrain  # noqa: F401  (chooses the DeepSpeed accelerator first)
@@ -12,6 +15,8 @@ import megatrain  # noqa: F401  (chooses the DeepSpeed accelerator first)
 
 def main() -> None:
     t0 = time.perf_counter()
+    print(f"warmup: ninja {shutil.which('ninja') or 'not found'}, cache "
+          f"{os.environ.get('TORCH_EXTENSIONS_DIR') or '~/.cache/torch_extensions'}")
     try:
         from deepspeed.comm.torch import build_shm_op
         status = "built" if build_shm_op() is not None else "not used on this machine"

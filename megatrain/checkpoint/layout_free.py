@@ -89,37 +89,40 @@ def _check_model(manifest: dict, model_cfg, step_dir: str) -> None:
 
 
 def open_resume(step_dir: str, model_cfg, *, verify: bool = True) -> ResumeSource:
-    """Verify (rank 0, result shared with every rank) and open a checkpoint for loading."""
+    """Verify and open a checkpoint for loading.
+
+    One process: sizes and headers now, each tensor's crc32 while it is read (one pass over the files).
+    Several ranks: rank 0 streams every crc first and shares the verdict, so a corrupt file stops all ranks
+    at the same point instead of one rank failing mid-load while its peers wait in a collective."""
     error = ""
+    world = dist.get_world_size() if dist.is_initialized() else 1
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             manifest = read_manifest(step_dir)
             _check_model(manifest, model_cfg, step_dir)
-            if verify:
+            if verify and world > 1:
                 for fname, entry in manifest["files"].items():
                     verify_file(os.path.join(step_dir, fname), entry)
         except CheckpointError as err:
             error = str(err)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world > 1:
         error = hc.broadcast_object(error, src=0)
     if error:
         raise CheckpointError(error)
     manifest = read_manifest(step_dir)
-    return ResumeSource(step_dir, manifest, CheckpointSource(step_dir, manifest, prefix="model"),
-                        CheckpointSource(step_dir, manifest, prefix="optim"))
+    in_read = verify and world == 1
+    return ResumeSource(step_dir, manifest, CheckpointSource(step_dir, manifest, prefix="model", verify=in_read),
+                        CheckpointSource(step_dir, manifest, prefix="optim", verify=in_read))
 
 
 def load_model_state(path: str):
     """(Config, {logical name: full tensor}) of a checkpoint step dir (or a run's checkpoint dir) — for
-    scripts and compression passes that want the plain model."""
+    scripts and compression passes that want the plain model. Checksums are verified while reading."""
     from megatrain.checkpoint.store import latest_step_dir
     from megatrain.config import build_config
     step_dir = path if os.path.isfile(os.path.join(path, "manifest.json")) else latest_step_dir(path)
     if step_dir is None:
         raise CheckpointError(f"{path}: no checkpoint found (no manifest.json or latest)")
     manifest = read_manifest(step_dir)
-    for fname, entry in manifest["files"].items():
-        if fname.startswith("model"):
-            verify_file(os.path.join(step_dir, fname), entry)
-    src = CheckpointSource(step_dir, manifest, prefix="model")
+    src = CheckpointSource(step_dir, manifest, prefix="model", verify=True)
     return build_config(manifest["config"]), {name: src.tensor(name) for name in src.where}

@@ -45,6 +45,44 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
 
+    def read_with_crc(self, name: str) -> tuple[torch.Tensor, int]:
+        """(the whole tensor, crc32 of its bytes), checksummed while it is read: one pass over the file."""
+        from megatrain.checkpoint.store import _chunks, crc32_streamed
+        out, (start, stop) = self._empty(name), self.header[name]["data_offsets"]
+        if not out.numel():
+            return out, 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.base + start)
+            crc = crc32_streamed(_chunks(memoryview(out.reshape(-1).view(torch.uint8).numpy())),
+                                 lambda chunk: self._fill(f, chunk, name))
+        return out, crc
+
+    def crc(self, name: str) -> int:
+        """crc32 of a tensor's bytes, streamed through one reused buffer (nothing kept)."""
+        import zlib
+        start, stop = self.header[name]["data_offsets"]
+        buf, crc = memoryview(bytearray(min(stop - start, 8 << 20))), 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.base + start)
+            left = stop - start
+            while left:
+                chunk = buf[:min(left, len(buf))]
+                self._fill(f, chunk, name)
+                crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+        return crc
+
+    def _empty(self, name: str) -> torch.Tensor:
+        meta = self.header[name]
+        return torch.empty(list(meta["shape"]), dtype=_DTYPES[meta["dtype"]])
+
+    def _fill(self, f, chunk: memoryview, name: str) -> None:
+        got = 0
+        while got < len(chunk):  # raw reads may return less than asked
+            n = f.readinto(chunk[got:])
+            if not n:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is truncated")
+            got += n
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or rows [start, stop) of its first dimension, as a fresh CPU tensor."""
         meta = self.header[name]

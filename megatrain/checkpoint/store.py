@@ -39,15 +39,73 @@ def crc32_of(t: torch.Tensor) -> int:
     return zlib.crc32(t.reshape(-1).contiguous().view(torch.uint8).numpy()) if t.numel() else 0  # 0-dim too
 
 
+# Bytes per write/read call. The crc of chunk i runs on a helper thread while chunk i is written (or chunk
+# i+1 read): zlib.crc32 and file I/O both release the GIL, so checksums cost little wall time on >= 2 cores.
+_CHUNK = 8 << 20
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_POOL = None
+
+
+def _crc_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megatrain-crc")
+    return _POOL
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def crc32_streamed(chunks, step) -> int:
+    """crc32 over ``chunks`` (memoryviews, in order) while ``step(chunk)`` writes each one, or reads into it
+    (it must return once the chunk holds its bytes): chunk i's crc runs on the helper thread during chunk
+    i+1's I/O, so every byte is touched once while it is still in cache."""
+    crc, pending = 0, None
+    pool = _crc_pool()
+    for chunk in chunks:
+        step(chunk)
+        if pending is not None:
+            crc = pending.result()
+        pending = pool.submit(zlib.crc32, chunk, crc)
+    return pending.result() if pending is not None else crc
+
+
+def _chunks(view: memoryview):
+    return (view[i:i + _CHUNK] for i in range(0, len(view), _CHUNK))
+
+
 def write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict:
-    """Write a safetensors file (fsynced); returns its manifest entry."""
-    from safetensors.torch import save_file
+    """Write a safetensors file (fsynced) and checksum each tensor in the same pass; returns its manifest entry.
+
+    The layout is safetensors' own (8-byte header length, JSON header padded to 8 bytes, tensors back to back,
+    widest dtypes first so every tensor stays aligned): ``safetensors.safe_open`` and HF read it unchanged."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(tensors, path)
-    with open(path, "rb+") as f:
+    for k, v in tensors.items():
+        if v.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {k!r} has dtype {v.dtype}, which a checkpoint cannot hold")
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header, offset = {}, 0
+    for k in order:
+        v = tensors[k]
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    crcs = {}
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in order:
+            crcs[k] = crc32_streamed(_chunks(_bytes_of(tensors[k])), f.write)
+        f.flush()
         os.fsync(f.fileno())
     return {"bytes": os.path.getsize(path),
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "crc32": crc32_of(v)}
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "crc32": crcs[k]}
                         for k, v in tensors.items()}}
 
 
@@ -63,29 +121,48 @@ def _header(path: str) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def verify_file(path: str, entry: dict) -> None:
-    """Size, header and per-tensor crc32 against the manifest. Streams tensor by tensor."""
+def check_file(path: str, entry: dict) -> None:
+    """Everything but the bytes: the file exists, has the manifest's size, and its header lists every tensor of
+    the manifest inside the file. Cheap (one header read); the crc is checked as the tensors are read."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete, resume from another step")
-    if os.path.getsize(path) != entry["bytes"]:
-        raise CheckpointError(f"checkpoint file {path} has {os.path.getsize(path)} bytes, manifest says "
+    size = os.path.getsize(path)
+    if size != entry["bytes"]:
+        raise CheckpointError(f"checkpoint file {path} has {size} bytes, manifest says "
                               f"{entry['bytes']} (truncated or replaced); resume from an earlier step")
     header, base = _header(path)
+    for name, meta in entry["tensors"].items():
+        if name not in header:
+            raise CheckpointError(f"checkpoint file {path} lacks tensor {name!r} listed in the manifest")
+        if list(header[name]["shape"]) != list(meta["shape"]) or base + header[name]["data_offsets"][1] > size:
+            raise CheckpointError(f"checkpoint file {path}: tensor {name!r} does not match the manifest (shape "
+                                  f"{header[name]['shape']} vs {meta['shape']}) or lies past the end; it is corrupt")
+
+
+def checksum_error(path: str, name: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint file {path}: tensor {name!r} fails its checksum (corrupt); "
+                           "restore the file or resume from an earlier step")
+
+
+def verify_file(path: str, entry: dict) -> None:
+    """Size, header and per-tensor crc32 against the manifest, streaming tensor by tensor (no tensors kept).
+
+    For checking a checkpoint without loading it; loaders verify while reading instead (``CheckpointSource``)."""
+    check_file(path, entry)
+    header, base = _header(path)
+    buf = memoryview(bytearray(_CHUNK))
     with open(path, "rb") as f:
         for name, meta in entry["tensors"].items():
-            if name not in header:
-                raise CheckpointError(f"checkpoint file {path} lacks tensor {name!r} listed in the manifest")
             start, stop = header[name]["data_offsets"]
             f.seek(base + start)
             crc, left = 0, stop - start
             while left:
-                chunk = f.read(min(left, 64 << 20))
-                if not chunk:
+                got = f.readinto(buf[:min(left, _CHUNK)])
+                if not got:
                     raise CheckpointError(f"checkpoint file {path}: tensor {name!r} is truncated")
-                crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+                crc, left = zlib.crc32(buf[:got], crc), left - got
             if crc != meta["crc32"]:
-                raise CheckpointError(f"checkpoint file {path}: tensor {name!r} fails its checksum (corrupt); "
-                                      "restore the file or resume from an earlier step")
+                raise checksum_error(path, name)
 
 
 def read_manifest(step_dir: str) -> dict:
@@ -161,18 +238,26 @@ def rotate(ckpt_dir: str, *, keep_last: int, newest: str) -> None:
 
 
 class CheckpointSource:
-    """Full logical tensors (or row ranges) from a checkpoint's files, read without mapping the files."""
+    """Full logical tensors (or row ranges) from a checkpoint's files, read without mapping the files.
 
-    def __init__(self, step_dir: str, manifest: dict | None = None, *, prefix: str = "model"):
+    ``verify=True``: each file's size and header are checked on open, and each tensor's crc32 is computed
+    while it is read (one pass over the file) and compared with the manifest. A row range is not a whole
+    tensor, so a partial read checks its tensor's full crc by streaming it once (the first time only)."""
+
+    def __init__(self, step_dir: str, manifest: dict | None = None, *, prefix: str = "model", verify: bool = False):
         from megatrain.checkpoint.reader import SafetensorsReader
         self.step_dir = step_dir
         self.manifest = manifest or read_manifest(step_dir)
+        self.verify = verify
         self.where: dict[str, str] = {}
         for fname, entry in self.manifest["files"].items():
             if fname.startswith(prefix):
+                if verify:
+                    check_file(os.path.join(step_dir, fname), entry)
                 for name in entry["tensors"]:
                     self.where[name] = fname
         self._open = {f: SafetensorsReader(os.path.join(step_dir, f)) for f in set(self.where.values())}
+        self._verified: set[str] = set()
 
     def has(self, name: str) -> bool:
         return name in self.where
@@ -188,8 +273,25 @@ class CheckpointSource:
         if shape is not None and reader.shape(name) != tuple(shape):
             raise CheckpointError(f"checkpoint {self.step_dir}: tensor {name!r} has shape {reader.shape(name)}, the "
                                   f"model expects {tuple(shape)}; the config's model sizes differ from the checkpoint's")
-        return reader.read(name)
+        if not self.verify or name in self._verified:
+            return reader.read(name)
+        out, crc = reader.read_with_crc(name)
+        self._check_crc(name, crc)
+        return out
+
+    def _check_crc(self, name: str, crc: int) -> None:
+        fname = self.where[name]
+        if crc != self.manifest["files"][fname]["tensors"][name]["crc32"]:
+            raise checksum_error(os.path.join(self.step_dir, fname), name)
+        self._verified.add(name)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the first dimension (fewer at the end of the tensor)."""
-        return self._reader(name).read(name, rows=(start, stop))
+        reader = self._reader(name)
+        if self.verify and name not in self._verified:
+            if start <= 0 and stop >= reader.shape(name)[0]:
+                out, crc = reader.read_with_crc(name)
+                self._check_crc(name, crc)
+                return out
+            self._check_crc(name, reader.crc(name))
+        return reader.read(name, rows=(start, stop))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 
 from megatrain.ops.dispatch import backend_for, provider, register
 
@@ -31,18 +32,38 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * y.to(x.dtype)
 
 
+def layer_norm_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """The reference's math in torch's one-kernel ``F.layer_norm`` (the composite costs ~10x the op calls).
+
+    fp32 tensors go straight in; other dtypes are upcast so the statistics stay fp32, as in the reference."""
+    # x: (..., H)
+    shape = (x.shape[-1],)
+    if x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+        return F.layer_norm(x, shape, weight, bias, eps)
+    return F.layer_norm(x.float(), shape, weight.float(), None if bias is None else bias.float(), eps).to(x.dtype)
+
+
+def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference's math in torch's ``F.rms_norm``: normalise in fp32, cast back, then scale (HF Llama order)."""
+    # x: (..., H)
+    shape = (x.shape[-1],)
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, shape, weight, eps)
+    return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     backend = backend_for("layer_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]})
     if backend != "torch":
         return provider("layer_norm", backend)(x, weight, bias, eps)
-    return layer_norm_reference(x, weight, bias, eps)
+    return layer_norm_fused(x, weight, bias, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     backend = backend_for("rms_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]})
     if backend != "torch":
         return provider("rms_norm", backend)(x, weight, eps)
-    return rms_norm_reference(x, weight, eps)
+    return rms_norm_fused(x, weight, eps)
 
 
 def add_layer_norm(
