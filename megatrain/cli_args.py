@@ -50,14 +50,24 @@ def run_pass(argv: list[str] | None, description: str, target: str):
 
 
 def run_training(cfg: Config, local_rank: int | None):
-    """Build the Trainer (a bad config, layout or checkpoint is one line and exit 2) and run it; errors during
-    training keep their traceback."""
+    """Build the Trainer (a bad config, layout or checkpoint is one line and exit 2) and run it. A run stopped
+    on non-finite values or a failed save is one line and exit 2; a preempted run exits 75 after saving; other
+    errors during training keep their traceback."""
     from megatrain.train.trainer import Trainer
     try:
         trainer = Trainer(cfg, local_rank=local_rank)
     except UserError as err:
         fail(err)
-    result = trainer.run()
+    from megatrain.checkpoint.layout_free import SaveError
     from megatrain.dist.env import shutdown_distributed
+    from megatrain.train.nonfinite import NonFiniteError
+    try:
+        result = trainer.run()
+    except (NonFiniteError, SaveError) as err:  # agreed by every rank: no peer waits in a collective
+        shutdown_distributed()
+        fail(err)
     shutdown_distributed()
+    if trainer.preempted:
+        from megatrain.train.preemption import EXIT_PREEMPTED
+        raise SystemExit(EXIT_PREEMPTED)
     return result
