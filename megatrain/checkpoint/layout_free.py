@@ -42,18 +42,21 @@ class SaveError(CheckpointError):
 def _io_failure(err: BaseException) -> bool:
     """A write that failed in the OS (ENOSPC, EIO, ...), also when raised through safetensors' Rust writer."""
     from safetensors import SafetensorError
-    return isinstance(err, OSError) or (isinstance(err, SafetensorError) and "IoError" in str(err))
+    return isinstance(err, OSError) or (isinstance(err, SafetensorError) and _os_errno(str(err)) is not None)
+
+
+def _os_errno(text: str) -> int | None:
+    """The errno in safetensors' message ("I/O error: No space left on device (os error 28)")."""
+    import re
+    m = re.search(r"os error (\d+)", text)
+    return int(m.group(1)) if m else None
 
 
 def _describe(err: BaseException) -> str:
     if isinstance(err, OSError):
         where = f" writing {err.filename}" if err.filename else ""
         return f"{err.strerror or err}{where}"
-    text = str(err)
-    for known in ("StorageFull", "No space left on device"):
-        if known in text:
-            return "No space left on device"
-    return text.splitlines()[0][:200]
+    return os.strerror(_os_errno(str(err)))
 
 
 def _agree(error: str) -> str:
