@@ -159,6 +159,11 @@ class Trainer:
         if res is None:
             return
         manifest = res.manifest
+        saved_opt = manifest.get("config", {}).get("train", {}).get("optimizer", self.cfg.train.optimizer)
+        if not cfg.reset_optimizer and saved_opt != self.cfg.train.optimizer:
+            raise UserError(f"checkpoint {res.step_dir} holds train.optimizer={saved_opt} state but the config has "
+                            f"{self.cfg.train.optimizer}; keep train.optimizer={saved_opt}, or set "
+                            "checkpoint.reset_optimizer=true to start a fresh optimizer")
         if not cfg.reset_optimizer and manifest.get("has_optimizer", True):
             from megatrain.checkpoint.engine_state import load_optimizer_state
             load_optimizer_state(self.engine, self.dims, res, step=int(manifest["optimizer_step"]))
