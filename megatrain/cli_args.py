@@ -52,20 +52,33 @@ def run_pass(argv: list[str] | None, description: str, target: str):
 def run_training(cfg: Config, local_rank: int | None):
     """Build the Trainer (a bad config, layout or checkpoint is one line and exit 2) and run it. A run stopped
     on non-finite values or a failed save is one line and exit 2; a preempted run exits 75 after saving; other
-    errors during training keep their traceback."""
-    from megatrain.train.trainer import Trainer
+    errors keep their traceback, are recorded in <log.dir>/error_rank<R>.txt, and a rank that fails because a
+    peer did prints "rank R failed: <its line>" last (megatrain.train.rank_errors)."""
+    from megatrain.train import rank_errors
+    rank_errors.clear(cfg.log.dir, rank_errors.this_rank())
     try:
-        trainer = Trainer(cfg, local_rank=local_rank)
+        return _train(cfg, local_rank)
     except UserError as err:
+        rank_errors.record(cfg.log.dir, rank_errors.this_rank(), f"error: {err}")
         fail(err)
+    except Exception as err:  # noqa: BLE001 - the traceback is kept; the cause (maybe a peer's) is printed last
+        import traceback
+        traceback.print_exc()
+        rank_errors.report(cfg.log.dir, err)
+        raise SystemExit(1) from None
+
+
+def _train(cfg: Config, local_rank: int | None):
     from megatrain.checkpoint.layout_free import SaveError
     from megatrain.dist.env import shutdown_distributed
     from megatrain.train.nonfinite import NonFiniteError
+    from megatrain.train.trainer import Trainer
+    trainer = Trainer(cfg, local_rank=local_rank)
     try:
         result = trainer.run()
-    except (NonFiniteError, SaveError) as err:  # agreed by every rank: no peer waits in a collective
+    except (NonFiniteError, SaveError):  # agreed by every rank: no peer waits in a collective
         shutdown_distributed()
-        fail(err)
+        raise
     shutdown_distributed()
     if trainer.preempted:
         from megatrain.train.preemption import EXIT_PREEMPTED
