@@ -32,17 +32,40 @@ def run_pass(argv: list[str] | None, description: str, target: str):
 
 
 def run_training(cfg: Config, local_rank: int | None):
-    """Build the Trainer (a bad config, layout or checkpoint is one line and exit 2) and run it; errors during
-    training keep their traceback."""
+    """Build the Trainer (a bad config, layout or checkpoint is one line and exit 2) and run it. A run stopped
+    on non-finite values or a failed save is one line and exit 2; a preempted run exits 75 after saving; other
+    errors keep their traceback, are recorded in <log.dir>/error_rank<R>.txt, and a rank that fails because a
+    peer did prints "rank R failed: <its line>" last (megatrain.train.rank_errors)."""
+    from megatrain.train import rank_errors
+    rank_errors.clear(cfg.log.dir, rank_errors.this_rank())
+    try:
+        return _train(cfg, local_rank)
+    except UserError as err:
+        rank_errors.record(cfg.log.dir, rank_errors.this_rank(), f"error: {err}")
+        fail(err)
+    except Exception as err:  # noqa: BLE001 - the traceback is kept; the cause (maybe a peer's) is printed last
+        import traceback
+        traceback.print_exc()
+        rank_errors.report(cfg.log.dir, err)
+        raise SystemExit(1) from None
+
+
+def _train(cfg: Config, local_rank: int | None):
+    from megatrain.checkpoint.layout_free import SaveError
+    from megatrain.distributed.env import shutdown_distributed
+    from megatrain.train.nonfinite import NonFiniteError
+    from megatrain.train.trainer import Trainer
     from megatrain.distributed.bootstrap import bootstrap
     from megatrain.plan import memory_preflight
-    from megatrain.train.trainer import Trainer
+    launch = bootstrap(cfg, local_rank, preflight=memory_preflight)
+    trainer = Trainer(cfg, local_rank=local_rank, launch=launch)
     try:
-        launch = bootstrap(cfg, local_rank, preflight=memory_preflight)
-        trainer = Trainer(cfg, local_rank=local_rank, launch=launch)
-    except UserError as err:
-        fail(err)
-    result = trainer.run()
-    from megatrain.distributed.env import shutdown_distributed
+        result = trainer.run()
+    except (NonFiniteError, SaveError):  # agreed by every rank: no peer waits in a collective
+        shutdown_distributed()
+        raise
     shutdown_distributed()
+    if trainer.preempted:
+        from megatrain.train.preemption import EXIT_PREEMPTED
+        raise SystemExit(EXIT_PREEMPTED)
     return result

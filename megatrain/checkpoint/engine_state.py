@@ -13,7 +13,22 @@ from torch import nn
 from megatrain.parallelize.param_spec import spec_of
 from megatrain.parallelize.shards import gather_logical, local_shape, shard_of
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam(W)
+SGD_MOMENTS = ("momentum_buffer",)
+
+
+def moment_keys(engine) -> tuple[str, ...]:
+    """The per-parameter optimizer state a checkpoint must hold to resume exactly: Adam's two moments, SGD's
+    momentum buffer (none without momentum)."""
+    group = inner_optimizer(engine).param_groups[0]
+    if "betas" in group:
+        return MOMENTS
+    return SGD_MOMENTS if group.get("momentum", 0) else ()
+
+
+def has_state(engine) -> bool:
+    """False before the first optimizer step (or when every step so far overflowed): no moments exist yet."""
+    return any(state for state in inner_optimizer(engine).state.values())
 
 
 def inner_optimizer(engine) -> torch.optim.Optimizer:
@@ -32,9 +47,12 @@ def local_parameters(module: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def _full_local(p, engine, key: str | None) -> torch.Tensor:
-    """The tp-local, dp-complete fp32 value of ``p`` (key None) or of its optimizer state ``key``."""
+def _full_local(p, engine, key: str | None, *, stepped: bool = True) -> torch.Tensor:
+    """The tp-local, dp-complete fp32 value of ``p`` (key None) or of its optimizer state ``key`` (zeros when
+    the optimizer has not ``stepped`` yet: that is the state a fresh optimizer starts from)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    if key is not None and not stepped:
+        return torch.zeros(local_shape(p))
     value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
     if value is not None:
         return value.detach().float().cpu().reshape(local_shape(p))
@@ -55,29 +73,34 @@ def gather_state(engine, dims, *, with_optimizer: bool = True):
     """Yield (logical name, fp32 param, {moment: tensor}) for every local parameter; all ranks of the
     stage must iterate it together (it contains dp and tp collectives)."""
     tp_group, tp = (dims.tp_group, dims.tp) if dims is not None else (None, 1)
-    if with_optimizer:
+    # every rank of the stage decides alike: after a step all of them hold state (ZeRO partitions included)
+    stepped = with_optimizer and has_state(engine)
+    if stepped:
         relink_optimizer_state(engine)
+    keys = moment_keys(engine) if with_optimizer else ()
     for p in local_parameters(engine.module):
         value = gather_logical(_full_local(p, engine, None), p, tp_group, tp)
         moments = {}
-        if with_optimizer:
-            for key in MOMENTS:
-                moments[key] = gather_logical(_full_local(p, engine, key), p, tp_group, tp)
+        for key in keys:
+            moments[key] = gather_logical(_full_local(p, engine, key, stepped=stepped), p, tp_group, tp)
         yield p, value, moments
 
 
 def _ensure_optimizer_state(engine, step: int) -> None:
-    """Adam states exist only after a first step; create them (zeros, given step) so they can be set."""
+    """Optimizer states exist only after a first step; create them (zeros; Adam's with the given step) so they
+    can be set. A zero SGD momentum buffer steps exactly like torch's first-step ``buf = grad`` (dampening 0)."""
     inner = inner_optimizer(engine)
+    keys = moment_keys(engine)
     flat = [q for group in inner.param_groups for q in group["params"]]
     for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3 / ZeRO-1,2 masters
         flat += [q for q in getattr(engine.optimizer, attr, []) if all(q is not f for f in flat)]
     for q in flat:
         state = inner.state[q]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(q, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(q, memory_format=torch.preserve_format)
-        state["step"] = torch.tensor(float(step))
+        for key in keys:
+            if state.get(key) is None:
+                state[key] = torch.zeros_like(q, memory_format=torch.preserve_format)
+        if keys == MOMENTS:
+            state["step"] = torch.tensor(float(step))
     relink_optimizer_state(engine)
 
 
@@ -99,11 +122,12 @@ def load_optimizer_state(engine, dims, source, *, step: int) -> None:
     tp_rank, tp = (dims.tp_rank, dims.tp) if dims is not None else (0, 1)
     _ensure_optimizer_state(engine, step)
     inner = inner_optimizer(engine)
+    keys = moment_keys(engine)
     for p in local_parameters(engine.module):
         name = spec_of(p).logical_name
         master = shard_of(source.model.tensor(name).float(), p, tp_rank, tp).reshape(local_shape(p))
         safe_set_full_fp32_param(p, master.to(p.device))  # exact fp32 master under bf16/fp16 (no-op at ZeRO-0)
-        for key in MOMENTS:
+        for key in keys:
             value = shard_of(source.optim.tensor(f"{name}.{key}").float(), p, tp_rank, tp).reshape(local_shape(p))
             if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
                 safe_set_full_optimizer_state(p, value.to(p.device), key)

@@ -37,16 +37,78 @@ class ResumeSource:
     optim: CheckpointSource
 
 
+class SaveError(CheckpointError):
+    """A save that did not happen (disk full, I/O error, a non-finite tensor); nothing of it is left behind."""
+
+
+def _io_failure(err: BaseException) -> bool:
+    """A write that failed in the OS (ENOSPC, EIO, ...), also when raised through safetensors' Rust writer."""
+    from safetensors import SafetensorError
+    return isinstance(err, OSError) or (isinstance(err, SafetensorError) and _os_errno(str(err)) is not None)
+
+
+def _os_errno(text: str) -> int | None:
+    """The errno in safetensors' message ("I/O error: No space left on device (os error 28)")."""
+    import re
+    m = re.search(r"os error (\d+)", text)
+    return int(m.group(1)) if m else None
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        where = f" writing {err.filename}" if err.filename else ""
+        return f"{err.strerror or err}{where}"
+    return os.strerror(_os_errno(str(err)))
+
+
+def _agree(error: str) -> str:
+    """Every rank's error (or ""), gathered on every rank; the first failure, prefixed with its rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return f"rank 0: {error}" if error else ""
+    errors = hc.all_gather_object(error)
+    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), "")
+
+
+def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def save_checkpoint(engine, dims, ckpt_dir: str, step: int, state: dict, *, keep_last: int,
                     with_optimizer: bool = True) -> str:
+    """Collective save of ``step``. A failure on any rank (an OS error while writing, or a non-finite tensor)
+    is agreed by every rank at the next synchronisation point: the partial step is removed, ``latest`` is
+    untouched and every rank raises the same one-line ``SaveError``."""
     rank = dist.get_rank()
     tag = tag_for(step)
     tmp, final = os.path.join(ckpt_dir, f".tmp-{tag}"), os.path.join(ckpt_dir, tag)
+
+    def fail_if(error: str) -> None:
+        error = _agree(error)
+        if not error:
+            return
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ():
+                if name.startswith("latest.tmp."):  # a pointer update that did not complete
+                    os.remove(os.path.join(ckpt_dir, name))
+        previous = _latest_tag(ckpt_dir)
+        raise SaveError(f"checkpoint save at step {step} failed on {error}; the partial save was removed and "
+                        f"{'latest still points to ' + previous if previous else 'no checkpoint was published'} "
+                        f"(checkpoint.dir={ckpt_dir}; free space or fix the disk, or set "
+                        "checkpoint.on_save_error=continue)")
+
+    error = ""
     if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    hc.barrier()
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as err:
+            error = _describe(err)
+    fail_if(error)  # (replaces a barrier: the directory exists before anyone writes into it)
     stage = dims.pp_rank if dims is not None else 0
     writer = dims is None or (dims.tp_rank == 0 and dims.dp_rank == 0)
     model, optim = {}, {}
@@ -59,25 +121,53 @@ def save_checkpoint(engine, dims, ckpt_dir: str, step: int, state: dict, *, keep
     for name, buf in engine.module.named_buffers():
         if writer and spec_of(buf) is not None:
             model[spec_of(buf).logical_name] = buf.detach().cpu()
+    error = ""
     if writer:
-        files = {f"model-s{stage}.safetensors": write_tensors(os.path.join(tmp, f"model-s{stage}.safetensors"), model)}
-        if optim:
-            files[f"optim-s{stage}.safetensors"] = write_tensors(os.path.join(tmp, f"optim-s{stage}.safetensors"), optim)
-        atomic_write_text(os.path.join(tmp, f"index-s{stage}.json"), json.dumps(files))
-    hc.barrier()
+        bad = _first_nonfinite(model) or _first_nonfinite(optim)
+        if bad:
+            error = f"tensor {bad!r} is not finite (a checkpoint with non-finite values is never written)"
+        else:
+            try:
+                files = {f"model-s{stage}.safetensors": write_tensors(os.path.join(tmp, f"model-s{stage}.safetensors"), model)}
+                if optim:
+                    files[f"optim-s{stage}.safetensors"] = write_tensors(os.path.join(tmp, f"optim-s{stage}.safetensors"), optim)
+                atomic_write_text(os.path.join(tmp, f"index-s{stage}.json"), json.dumps(files))
+            except Exception as err:  # noqa: BLE001 - only OS write failures are handled; the rest re-raise
+                if not _io_failure(err):
+                    raise
+                error = _describe(err)
+    fail_if(error)
+    error = ""
     if rank == 0:
-        files = {}
-        for name in sorted(os.listdir(tmp)):
-            if name.startswith("index-s"):
-                with open(os.path.join(tmp, name), encoding="utf-8") as f:
-                    files.update(json.load(f))
-                os.remove(os.path.join(tmp, name))
-        manifest = {"format": FORMAT, "step": step, "optimizer_step": optimizer_step_count(engine),
-                    "has_optimizer": with_optimizer, **state, "files": files}
-        atomic_write_text(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=1))
-        commit(tmp, final, ckpt_dir, keep_last=keep_last)
-    hc.barrier()
+        try:
+            files = {}
+            for name in sorted(os.listdir(tmp)):
+                if name.startswith("index-s"):
+                    with open(os.path.join(tmp, name), encoding="utf-8") as f:
+                        files.update(json.load(f))
+                    os.remove(os.path.join(tmp, name))
+            manifest = {"format": FORMAT, "step": step, "optimizer_step": optimizer_step_count(engine),
+                        "has_optimizer": with_optimizer, **state, "files": files}
+            atomic_write_text(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=1))
+            before = _latest_tag(ckpt_dir)
+            try:
+                commit(tmp, final, ckpt_dir, keep_last=keep_last)
+            except OSError:
+                if _latest_tag(ckpt_dir) == before and before != tag:  # renamed but not published: not a checkpoint
+                    shutil.rmtree(final, ignore_errors=True)
+                raise
+        except OSError as err:
+            error = _describe(err)
+    fail_if(error)
     return final
+
+
+def _latest_tag(ckpt_dir: str) -> str | None:
+    try:
+        with open(os.path.join(ckpt_dir, "latest"), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _check_model(manifest: dict, model_cfg, step_dir: str) -> None:

@@ -271,6 +271,13 @@ class TrainConfig(Section):
     log_every: int = Field(1, gt=0, description="Metrics line every N steps.")
     loss_scale_window: int = Field(100, gt=0, description="fp16 dynamic loss scale window.")
     deepspeed_config: Optional[str] = Field(None, description="User DeepSpeed JSON merged into the generated one.")
+    nonfinite: Literal["skip", "stop", "rollback"] = Field(
+        "skip", description="A step whose loss or gradients are non-finite on any rank is never applied. skip: go on "
+                            "with the next batch (up to train.max_nonfinite_skips in a row, then stop); stop: stop at "
+                            "once; rollback: reload the last checkpoint and skip the offending batch. A stop is one "
+                            "line naming the step (exit 2).")
+    max_nonfinite_skips: int = Field(3, ge=0, description="Consecutive non-finite steps skipped (or rolled back) "
+                                                          "before the run stops.")
 
 
 class CheckpointConfig(Section):
@@ -289,6 +296,13 @@ class CheckpointConfig(Section):
                            "config.json, generation_config.json, tokenizer files) are replaced, others are kept.")
     reset_optimizer: bool = Field(False, description="On resume, keep weights but start fresh optimizer state (continual).")
     reset_schedule: bool = Field(False, description="On resume, restart the LR schedule and step count (continual).")
+    preempt_signals: list[Literal["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = Field(
+        default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"],
+        description="Signals that preempt the run: every rank finishes the current step, saves a checkpoint and exits "
+                    "with code 75; a second signal (1 s or more later) exits at once. [] = default signal handling.")
+    on_save_error: Literal["stop", "continue"] = Field(
+        "stop", description="A save that fails (no space, I/O error, a non-finite tensor): the partial step is removed "
+                            "and latest is unchanged on every rank; stop ends the run (exit 2), continue trains on.")
 
 
 class LogConfig(Section):

@@ -8,8 +8,8 @@ import time
 
 
 class RunLogger:
-    """Writes ``<log.dir>/metrics.jsonl`` (fields: step, loss, lr, tokens_per_s, ... and val_* on eval
-    steps), TensorBoard scalars and a progress display. Only rank 0 constructs an active logger."""
+    """Writes ``<log.dir>/metrics.jsonl`` (fields: step, loss, lr, tokens_per_s, ..., val_* on eval steps, and
+    ``run``: which start of the run wrote it, listed in runs.jsonl), TensorBoard scalars and a progress display. Only rank 0 constructs an active logger."""
 
     def __init__(self, log_dir: str, *, total_steps: int, start_step: int, progress: str, tensorboard: bool,
                  active: bool):
@@ -23,6 +23,7 @@ class RunLogger:
             return
         os.makedirs(log_dir, exist_ok=True)
         self._truncate_after(start_step)
+        self.run = self._start_segment(log_dir, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tb"))
@@ -50,9 +51,33 @@ class RunLogger:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
+    @staticmethod
+    def _start_segment(log_dir: str, start_step: int) -> int:
+        """Number this start of the run (1, 2, ... over resumes of one log.dir) and append it to runs.jsonl with
+        the step it starts from; every metrics record carries it as ``run``, so a resume is a separate segment."""
+        import socket
+        path = os.path.join(log_dir, "runs.jsonl")
+        starts = []
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                starts = [json.loads(line) for line in f if line.strip()]
+        starts = [s for s in starts if s.get("start_step", 0) <= start_step] if start_step else []
+        run = (starts[-1]["run"] + 1) if starts else 1
+        starts.append({"run": run, "start_step": start_step, "host": socket.gethostname(), "pid": os.getpid(),
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        from megatrain.fsutil import atomic_write_text
+        atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in starts))
+        return run
+
+    def rewind(self, step: int) -> None:
+        """Drop records past ``step`` (a rollback re-runs those steps)."""
+        if self.active:
+            self._truncate_after(step)
+
     def log(self, record: dict) -> None:
         if not self.active:
             return
+        record = {**record, "run": self.run}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         step = record["step"]

@@ -44,13 +44,17 @@ class Trainer:
         launch = launch or bootstrap(cfg, local_rank)
         self.rank, self.world = launch.rank, launch.world
         self.layout, self.dims = launch.layout, launch.dims
+        from megatrain.train.guards import RunGuards
+        self.guards = RunGuards(cfg, rank=self.rank)  # signals are caught from here on
         self.watchdog = HangWatchdog(cfg.log.hang_report_s, rank=self.rank, where=f"of {self.world}",
                                      log_dir=cfg.log.dir)
         try:
+            self.guards.take_lock(run_dirs(cfg))
             with self.watchdog.phase("setup (model build, deepspeed.initialize, weights, resume)"):
                 self._setup(task)
         except BaseException:
             self.watchdog.close()
+            self.guards.close()
             raise
 
     def _setup(self, task) -> None:
@@ -70,6 +74,9 @@ class Trainer:
                              "train.weight_decay instead, or zero_stage<=2")
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
         self.resume = self._open_resume()
+        if cfg.train.nonfinite == "rollback" and cfg.parallel.zero_stage == 3:
+            raise UserError("train.nonfinite=rollback reloads parameters in place, which ZeRO-3 partitions; use "
+                            "parallel.zero_stage<=2 or train.nonfinite=skip|stop")
 
         from megatrain.parallelize import parallelize
         if (cfg.train.l1 or cfg.train.l2) and self.layout.pp > 1:
@@ -89,7 +96,11 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(self.train_data), cfg.train.global_batch_size, cfg.train.seed)
         self.step = 0
         self.resumed_from: str | None = None
+        self.skipped_batches: set[int] = set()  # steps whose batch a rollback skips (saved with checkpoints)
+        self.last_good: str | None = None
+        self.preempted: str | None = None
         self._maybe_resume()
+        self.last_good = self.resumed_from
 
     # ---- setup -------------------------------------------------------------------------------------
     def _check_precision(self) -> None:
@@ -111,6 +122,7 @@ class Trainer:
         ds_config = to_deepspeed(self.cfg, self.layout)
         engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                      config=ds_config, mpu=mpu)
+        self.guards.attach(engine)  # a step with non-finite gradients is never applied
         return engine, opt, sched
 
     def _old_validation(self):
@@ -146,6 +158,11 @@ class Trainer:
         if res is None:
             return
         manifest = res.manifest
+        saved_opt = manifest.get("config", {}).get("train", {}).get("optimizer", self.cfg.train.optimizer)
+        if not cfg.reset_optimizer and saved_opt != self.cfg.train.optimizer:
+            raise UserError(f"checkpoint {res.step_dir} holds train.optimizer={saved_opt} state but the config has "
+                            f"{self.cfg.train.optimizer}; keep train.optimizer={saved_opt}, or set "
+                            "checkpoint.reset_optimizer=true to start a fresh optimizer")
         if not cfg.reset_optimizer and manifest.get("has_optimizer", True):
             from megatrain.checkpoint.engine_state import load_optimizer_state
             load_optimizer_state(self.engine, self.dims, res, step=int(manifest["optimizer_step"]))
@@ -160,6 +177,7 @@ class Trainer:
         self.scheduler.last_epoch = self.step - 1
         self.scheduler.step()
         self.resumed_from = res.step_dir
+        self.skipped_batches = set(manifest.get("skipped_batches", []))
 
     def _pipeline_loss(self, logits, labels):
         if hasattr(self.task, "pipeline_loss"):  # labels as the task's pipeline_labels gave them (maybe a tuple)
@@ -218,7 +236,8 @@ class Trainer:
             self.engine.step()
             self._add(totals, stats)
             items += self.task.items_in(batch)
-        totals = self._reduce(totals, dims.dp_group)
+        # the guards' flags ride in the one per-step reduction (dp spans the world unless tp > 1)
+        totals = self.guards.unfold(self._reduce(self.guards.fold(totals), dims.dp_group), spans_world=dims.tp == 1)
         return self.task.summarize(totals), items * dims.dp
 
     def _rank_micro_batches(self, indices: list[int], dataset) -> list[tuple]:
@@ -238,6 +257,7 @@ class Trainer:
         already averaged over data-parallel ranks."""
         batches = self._rank_micro_batches(indices, self.train_data)
         loss = self.engine.train_batch(data_iter=iter(batches)).detach().float().cpu()
+        self.guards.after_pipeline_step(loss)
         tokens = sum(x.numel() for x, _ in batches) * self.dims.dp
         count = torch.tensor(float(tokens))
         return self.task.summarize({"loss_sum": loss * count, "count": count}), tokens
@@ -297,18 +317,53 @@ class Trainer:
         count = torch.tensor(float(len(losses)))
         return self.task.summarize({"loss_sum": torch.stack(losses).sum(), "count": count})
 
-    def save(self) -> str:
-        with self.watchdog.phase(f"checkpoint save at step {self.step}"):
-            return self._save()
+    def save(self) -> str | None:
+        """Save this step; None when the save failed and checkpoint.on_save_error=continue."""
+        from megatrain.checkpoint.layout_free import SaveError
+        try:
+            with self.watchdog.phase(f"checkpoint save at step {self.step}"):
+                self.last_good = self._save()
+        except SaveError as err:
+            if self.cfg.checkpoint.on_save_error == "stop":
+                raise
+            print(f"warning: {err}; training goes on (checkpoint.on_save_error=continue)", flush=True)
+            return None
+        return self.last_good
 
     def _save(self) -> str:
         from megatrain.checkpoint.layout_free import save_checkpoint
         self.sync_buffers()
         state = {"seed": self.cfg.train.seed, "consumed_samples": self.step * self.layout.global_batch_size,
                  "layout": self.layout.__dict__, "config": self.cfg.model_dump(mode="json"),
-                 "rng": "re-derived per (train.seed, step, dp rank)"}
+                 "rng": "re-derived per (train.seed, step, dp rank)", "skipped_batches": sorted(self.skipped_batches)}
         return save_checkpoint(self.engine, self.dims, self.ckpt_dir, self.step, state,
                                keep_last=self.cfg.checkpoint.keep_last)
+
+    def _after_nonfinite(self, metrics: dict, logger) -> bool:
+        """Apply train.nonfinite after a step every rank agreed was non-finite; True after a rollback."""
+        action = self.guards.policy.decide(self.step, self.guards.nonfinite, last_good=self.last_good)
+        if action == "ok":
+            return False
+        bad_step = self.step
+        if action == "rollback":
+            from megatrain.train.nonfinite import reload_checkpoint
+            res = reload_checkpoint(self.engine, self.dims, self.last_good, self.cfg.model)
+            self.skipped_batches.add(bad_step - 1)  # the batch of step `bad_step` (indices_for_step is 0-based)
+            self.step = int(res.manifest["step"])
+            self.scheduler.last_epoch = self.step - 1
+            self.scheduler.step()
+            logger.rewind(self.step)
+        logger.message(f"step {bad_step}: non-finite loss or gradients on some rank; the step was not applied "
+                       + (f"(rolled back to {self.last_good}, its batch will be skipped)" if action == "rollback"
+                          else "(skipped)"))
+        return action == "rollback"  # a skipped step is still logged (its loss shows why) and may be saved
+
+    def _preempt(self, logger, *, saved: bool) -> None:
+        """Every rank agreed a signal arrived: save this step (unless just saved) and stop the loop."""
+        path = self.last_good if saved else self.save()
+        self.preempted = self.guards.preemption.signame or "a signal on another rank"
+        logger.message(f"preempted ({self.preempted}) after step {self.step}: saved {path}; resume with "
+                       "--checkpoint.resume=auto")
 
     def export_hf(self, step_dir: str) -> None:
         """Write the checkpoint at ``step_dir`` as a Hugging Face directory (rank 0; others wait)."""
@@ -339,12 +394,18 @@ class Trainer:
         first_step = self.step
         try:
             while self.step < cfg.train.max_steps:
+                if self.step in self.skipped_batches:  # a batch a rollback chose to skip: consume it unseen
+                    self.step += 1
+                    self.scheduler.step()
+                    continue
                 lr = self.scheduler.get_last_lr()[0]
                 t0 = time.perf_counter()
                 with self.watchdog.phase(f"training step {self.step + 1}"):
                     metrics, items = self.train_step()
                 dt = time.perf_counter() - t0
                 self.step += 1
+                if self._after_nonfinite(metrics, logger):
+                    continue
                 record = {"step": self.step, **metrics, "lr": lr, "tokens_per_s": items / dt, "step_time_s": dt}
                 if comm_counter.enabled_by_env():
                     record["comm_bytes"] = comm_counter.take()  # this rank's payload bytes in the step
@@ -359,6 +420,14 @@ class Trainer:
                 last = record
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
+                    if self.guards.preempt:
+                        self._preempt(logger, saved=True)
+                        break
+                elif self.guards.preempt:
+                    self._preempt(logger, saved=False)
+                    break
+            if self.preempted:
+                return last
             saved = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
             final_dir = None
             if (cfg.checkpoint.save_final or cfg.checkpoint.export_hf) and (self.step > first_step or self.resume is None) \
@@ -369,9 +438,18 @@ class Trainer:
         finally:
             logger.close()
             self.watchdog.close()
+            self.guards.close()
         if self.rank == 0 and cfg.log.report:
             from megatrain.train.report import write_report
             path = write_report(cfg.log.dir)
             if path:
                 logger.message(f"report: {path}")
         return last
+
+
+def run_dirs(cfg) -> dict[str, str]:
+    """The directories a run owns exclusively, by the config field that names them."""
+    dirs = {"log.dir": cfg.log.dir}
+    if cfg.checkpoint.dir:
+        dirs["checkpoint.dir"] = cfg.checkpoint.dir
+    return dirs
