@@ -21,7 +21,7 @@ from megatrain.compress.report import measure, write_table
 from megatrain.config import build_config, resolve_layout
 from megatrain.config.schema import Config, ModelConfig
 from megatrain.distributed.env import is_main_process
-from megatrain.models.transformer import build_transformer
+from megatrain.models.build import build_model
 from megatrain.train.lm_task import LanguageModelingTask
 from megatrain.errors import UserError
 from megatrain.distributed import host_collectives as hc
@@ -68,7 +68,7 @@ def _setup(cfg: Config, local_rank, *, pipeline: bool = False):
 
 def _source_model(cfg: Config, path: str | None, field: str) -> tuple[torch.nn.Module, ModelConfig]:
     if not path:
-        return build_transformer(cfg.model, seed=cfg.train.seed), cfg.model
+        return build_model(cfg.model, seed=cfg.train.seed), cfg.model
     model, model_cfg = load_model(path)
     if model_cfg.vocab_size != cfg.model.vocab_size:
         raise UserError(f"{field}={path} has vocab_size={model_cfg.vocab_size} but data.path's tokenizer has "

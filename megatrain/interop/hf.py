@@ -119,12 +119,12 @@ class HFSource:
 
 def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32):
     """A megatrain Transformer (unsharded, CPU) with the weights of a local HF directory."""
-    from megatrain.models.registry import spec_for
+    from megatrain.models.build import build_model
     from megatrain.parallelize.materialize import materialize_
     from megatrain.parallelize.param_spec import tag_logical_names
     cfg = model_config_from_hf(path)
     source = HFSource(path, cfg)  # checks every tensor before anything is built
-    model = spec_for(cfg).build(cfg, meta=True)
+    model = build_model(cfg, meta=True)
     tag_logical_names(model)
     materialize_(model, source, tp_rank=0, tp_size=1, device="cpu", dtype=dtype)
     return model.eval()

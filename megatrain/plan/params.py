@@ -32,11 +32,9 @@ class StageParams:
 
 def meta_model(m: ModelConfig):
     """The model of ``m``'s family (model registry), on the meta device."""
-    from megatrain.models.registry import SPECS
-    from megatrain.models.transformer import build_transformer
-    build = SPECS[m.hf_family].build if m.hf_family in SPECS else build_transformer
+    from megatrain.models.build import build_model
     with torch.device("meta"):
-        return build(m, seed=0)
+        return build_model(m, seed=0)
 
 
 def _tp_share(name: str, numel: int, shape, m: ModelConfig, tp: int) -> int:

@@ -78,12 +78,9 @@ class ClassificationTask:
 
     # ---- Task protocol ---------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        seed = self.cfg.train.seed
-        if self.is_image:
-            from megatrain.models.cnn import build_resnet
-            return build_resnet(self.cfg.model, seed=seed, image_size=int(min(self.pool.x.shape[-2:])))
-        from megatrain.models.rnn import build_rnn_classifier
-        return build_rnn_classifier(self.cfg.model, self.cfg.model.vocab_size, seed=seed)
+        from megatrain.models.build import build_model
+        image_size = int(min(self.pool.x.shape[-2:])) if self.is_image else None
+        return build_model(self.cfg.model, seed=self.cfg.train.seed, image_size=image_size)
 
     def dataset_for(self, indices: np.ndarray):
         """A dataset over pool ``indices`` (the ensemble tool scores members on another config's split)."""

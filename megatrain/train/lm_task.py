@@ -37,12 +37,8 @@ class LanguageModelingTask:
                             "keeps only V/tp logits per rank); set train.fused_linear_ce=false")
 
     def build_model(self) -> nn.Module:
-        if self.cfg.model.is_transformer:
-            from megatrain.models.transformer import build_transformer
-            return build_transformer(self.cfg.model, seed=self.cfg.train.seed, meta=True)
-        from megatrain.models.rnn import build_rnn_lm  # lstm / gru language models
-        torch.manual_seed(self.cfg.train.seed)
-        return build_rnn_lm(self.cfg.model, self.cfg.model.vocab_size)
+        from megatrain.models.build import build_model
+        return build_model(self.cfg.model, seed=self.cfg.train.seed, meta=self.cfg.model.is_transformer)
 
     def train_dataset(self):
         from megatrain.data.dataset import PackedTokenDataset

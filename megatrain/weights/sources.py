@@ -123,16 +123,10 @@ def tied_keys(model_cfg: ModelConfig) -> tuple[str, str]:
 def build_plain(model_cfg: ModelConfig, state: dict | None = None, *, seed: int = 0) -> torch.nn.Module:
     """The plain model of ``model_cfg`` (any arch), loaded strictly from ``state`` when given. A ResNet's stem
     is read from the state (its config does not record it); RNNs are LMs or classifiers by model.task."""
-    if model_cfg.arch == "resnet":
-        from megatrain.models.cnn import build_resnet, resnet_stem
-        model = build_resnet(model_cfg, seed=seed, stem=resnet_stem(state) if state is not None else "small")
-    elif model_cfg.arch in ("lstm", "gru"):
-        from megatrain.models.rnn import build_rnn_classifier, build_rnn_lm
-        build = build_rnn_lm if model_cfg.task == "language_modeling" else build_rnn_classifier
-        model = build(model_cfg, model_cfg.vocab_size, seed=seed)
-    else:
-        from megatrain.models.transformer import build_transformer
-        model = build_transformer(model_cfg, seed=seed)
+    from megatrain.models.build import build_model
+    from megatrain.models.cnn import resnet_stem
+    stem = resnet_stem(state) if model_cfg.arch == "resnet" and state is not None else "small"
+    model = build_model(model_cfg, seed=seed, stem=stem)
     if state is not None:
         model.load_state_dict(state, strict=True)
     return model
