@@ -335,6 +335,8 @@ class Trainer:
                        + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
         last: dict[str, float] = {}
         first_step = self.step
+        from megatrain.train.perf import StepPerf
+        perf = StepPerf(cfg, self.device, self.world)
         try:
             while self.step < cfg.train.max_steps:
                 lr = self.scheduler.get_last_lr()[0]
@@ -343,7 +345,8 @@ class Trainer:
                     metrics, items = self.train_step()
                 dt = time.perf_counter() - t0
                 self.step += 1
-                record = {"step": self.step, **metrics, "lr": lr, "tokens_per_s": items / dt, "step_time_s": dt}
+                record = {"step": self.step, **metrics, "lr": lr, "tokens_per_s": items / dt, "step_time_s": dt,
+                          **perf.fields(items / dt)}
                 if comm_counter.enabled_by_env():
                     record["comm_bytes"] = comm_counter.take()  # this rank's payload bytes in the step
                 every = cfg.train.eval_every
