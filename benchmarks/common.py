@@ -243,6 +243,40 @@ def write_json(args: argparse.Namespace, rows: list[dict]) -> str | None:
     return save_record(path, {"benchmark": args.name, "env": info, "ceilings": ceilings(args.device), "rows": rows})
 
 
+def kernel_records(rows: list[dict]) -> list[dict]:
+    """Policy records (ops/policy.py) from benchmark rows: per case and mode with a ``policy`` note, the
+    triton variant's p50 against the torch path's (eager torch: what ``auto`` runs otherwise)."""
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if "policy" in r and "error" not in r:
+            by_case.setdefault((r["shape"], r["mode"]), {})[r["variant"]] = r
+    out = []
+    for (label, mode), variants_ in by_case.items():
+        if "triton" in variants_ and "torch" in variants_:
+            pol = variants_["triton"]["policy"]
+            out.append({"op": pol["op"], "backend": "triton", "dtype": pol["dtype"], "shape": pol["shape"],
+                        "mode": mode, "label": label, "ms": variants_["triton"]["ms_p50"],
+                        "torch_ms": variants_["torch"]["ms_p50"]})
+    return out
+
+
+def write_kernel_records(records: list[dict], info: dict, directory: str = RESULTS_DIR) -> str | None:
+    """Merge ``records`` into ``kernels_<gpu class>.json`` (an op's old records are replaced by its new ones)."""
+    if not records or info.get("device") != "cuda":
+        return None
+    from megatrain.ops.policy import gpu_class
+    cls = gpu_class(info["gpu"])
+    path = os.path.join(directory, f"kernels_{cls}.json")
+    old = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f).get("records", [])
+    ops = {r["op"] for r in records}
+    merged = [r for r in old if r["op"] not in ops] + records
+    return save_record(path, {"gpu": info["gpu"], "gpu_class": cls, "torch": info["torch"], "triton": info["triton"],
+                              "date": info["date"], "records": merged})
+
+
 def run(args: argparse.Namespace, cases: list[Case]) -> list[dict]:
     ceiling = ceilings(args.device)
     rows = measure(cases, smoke=args.smoke, ceiling=ceiling)
@@ -256,6 +290,9 @@ def run(args: argparse.Namespace, cases: list[Case]) -> list[dict]:
     path = write_json(args, rows)
     if path:
         print(f"wrote {path}")
+        records = write_kernel_records(kernel_records(rows), env_info(args.device))
+        if records:
+            print(f"kernel choice records (model.kernels=auto reads them): {records}")
     return rows
 
 
