@@ -144,13 +144,19 @@ def step_bench(args, name: str) -> dict:
 
 # ---- the training run (a subprocess of step_train) ------------------------------------------------------
 
-def train_config(kernels: str, work: str, *, steps: int = TRAIN_STEPS):
+# --_tiny: the same run with a toy model on CPU, so the test suite checks this path end to end
+TINY = {"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2, "model.vocab_size": 128,
+        "model.max_seq_len": 16, "data.seq_len": 16, "train.precision": "fp32", "train.global_batch_size": 2,
+        "train.micro_batch_size": 2}
+
+
+def train_config(kernels: str, work: str, *, steps: int = TRAIN_STEPS, tiny: bool = False):
     from megatrain.config import load_config
     return load_config(os.path.join(ROOT, "recipes", "gpt2_124m.yaml"), {
         "model.kernels": kernels, "train.max_steps": steps, "train.global_batch_size": 8,
         "train.micro_batch_size": 8, "train.warmup_steps": 2, "train.eval_every": 0, "checkpoint.every": 0,
         "checkpoint.save_final": False, "log.dir": os.path.join(work, f"run_{kernels}"),
-        "log.progress": "none", "log.report": False, "data.path": "random"})
+        "log.progress": "none", "log.report": False, "data.path": "random", **(TINY if tiny else {})})
 
 
 def dry_check(name: str, args) -> dict:
@@ -169,7 +175,7 @@ def dry_check(name: str, args) -> dict:
     return {"ok": True, "checked": "nothing to check on CPU"}
 
 
-def train_once(kernels: str, out: str, *, steps: int = TRAIN_STEPS) -> None:
+def train_once(kernels: str, out: str, *, steps: int = TRAIN_STEPS, tiny: bool = False) -> None:
     """gpt2_124m's shapes (vocab 50304, 12×768, T=1024) on random tokens, bf16, one GPU. Through the real
     Trainer (DeepSpeed) when DeepSpeed imports; a plain torch loop with the same model and AdamW otherwise."""
     import torch
@@ -177,7 +183,7 @@ def train_once(kernels: str, out: str, *, steps: int = TRAIN_STEPS) -> None:
 
     from megatrain.train.lm_task import LanguageModelingTask
 
-    cfg = train_config(kernels, os.path.dirname(out), steps=steps)
+    cfg = train_config(kernels, os.path.dirname(out), steps=steps, tiny=tiny)
 
     class RandomTokens(Dataset):
         def __init__(self, n, seq, vocab):
@@ -192,7 +198,7 @@ def train_once(kernels: str, out: str, *, steps: int = TRAIN_STEPS) -> None:
 
     class RandomLM(LanguageModelingTask):
         def train_dataset(self):
-            return RandomTokens(steps * cfg.train.global_batch_size, cfg.seq_len, 50257)
+            return RandomTokens(steps * cfg.train.global_batch_size, cfg.seq_len, min(50257, cfg.model.vocab_size))
 
         def val_dataset(self):
             return None
@@ -301,9 +307,11 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated subset of steps")
     p.add_argument("--_train", help=argparse.SUPPRESS)
     p.add_argument("--_train-out", help=argparse.SUPPRESS)
+    p.add_argument("--_tiny", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_steps", type=int, default=TRAIN_STEPS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._train:
-        train_once(args._train, args._train_out)
+        train_once(args._train, args._train_out, steps=args._steps, tiny=args._tiny)
         return 0
     names = list(STEPS)
     if args.only:
@@ -328,8 +336,9 @@ def main(argv=None) -> int:
     args.work = os.path.join(ROOT, "runs", "gpu_check")
     os.makedirs(args.work, exist_ok=True)
     site = os.path.join(args.work, "site")
-    if args.wheels:  # installed packages must be visible to every subprocess
-        os.environ["PYTHONPATH"] = os.pathsep.join([site, ROOT, os.environ.get("PYTHONPATH", "")])
+    # the checkout (and the installed wheels) must be importable by every subprocess: bench scripts run as files
+    os.environ["PYTHONPATH"] = os.pathsep.join(([site] if args.wheels else []) + [ROOT, os.environ.get("PYTHONPATH", "")])
+    if args.wheels:
         sys.path.insert(0, site)
     t_all = time.monotonic()
     for name in names:

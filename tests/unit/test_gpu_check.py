@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,3 +59,16 @@ def test_benchmark_rows_become_kernel_choice_records(tmp_path):
         "rms_norm", ["triton", "torch"], dtype=torch.bfloat16, shape={"hidden": 4096})
     assert choice.backend == "torch"
     assert common.write_kernel_records(records, {**info, "device": "cpu"}, directory=str(tmp_path)) is None
+
+
+@pytest.mark.slow
+def test_training_step_of_the_check_runs_through_the_trainer(tmp_path):
+    """The check's training run (random tokens, the Trainer, mfu/memory fields) with a toy model on CPU."""
+    out = tmp_path / "train.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--_train", "torch",
+                        "--_train-out", str(out), "--_tiny", "--_steps", "3"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["path"] == "Trainer (DeepSpeed)" and len(rec["losses"]) == 3
+    assert rec["tokens_per_s"] > 0 and rec["peak_mem_gib"] > 0 and "mfu" not in rec  # CPU: no datasheet peak
