@@ -52,12 +52,13 @@ def _tail(text: str, n: int = 2500) -> str:
     return text[-n:] if text else ""
 
 
-def _run(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+def _run(cmd: list[str], timeout: float, env: dict | None = None, *, full_stdout: bool = False) -> dict:
     t0 = time.monotonic()
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, **(env or {})})
-        return {"rc": p.returncode, "s": time.monotonic() - t0, "stdout": _tail(p.stdout), "stderr": _tail(p.stderr)}
+        return {"rc": p.returncode, "s": time.monotonic() - t0, "stdout": p.stdout if full_stdout else _tail(p.stdout),
+                "stderr": _tail(p.stderr)}
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         return {"rc": 124, "s": time.monotonic() - t0, "stdout": _tail(out), "stderr": f"timed out after {timeout}s"}
@@ -102,8 +103,15 @@ def step_ceilings(args) -> dict:
 
 
 def step_extensions(args) -> dict:
-    r = _run([sys.executable, "-m", "megatrain.ops.extensions", "--build"], timeout=STEPS["extensions"][0])
-    return {"ok": r["rc"] == 0, **r}
+    r = _run([sys.executable, "-m", "megatrain.ops.extensions", "--build", "--json"], timeout=STEPS["extensions"][0],
+             full_stdout=True)
+    try:  # build logs may precede the JSON
+        report = json.loads(r["stdout"][r["stdout"].index("{"):])
+        exts = {e["name"]: {"state": e["state"], "detail": e.get("detail")} for e in report["extensions"]}
+    except (ValueError, KeyError):
+        return {"ok": False, **r, "stdout": _tail(r["stdout"])}
+    return {"ok": r["rc"] == 0 and all(e["state"] == "loaded" for e in exts.values()), "extensions": exts,
+            **({} if r["rc"] == 0 else r)}
 
 
 def step_gpu_tests(args) -> dict:
@@ -266,6 +274,8 @@ def print_table(record: dict) -> None:
         if name == "ceilings" and r.get("TB/s"):
             detail = (f"{r['TB/s']['measured']:.2f} TB/s copy (sheet {r['TB/s']['datasheet']}), "
                       f"{r['TFLOP/s']['measured']:.0f} TFLOP/s bf16 (sheet {r['TFLOP/s']['datasheet']})")
+        elif name == "extensions" and "extensions" in r:
+            detail = ", ".join(f"{k} {v['state']}" for k, v in r["extensions"].items())
         elif name == "gpu_tests" and "tests" in r:
             detail = f"{r['tests']} tests, {r['failures']} failed, {r['errors']} errors, {r['skipped']} skipped"
         elif name == "train" and "runs" in r:
