@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 # ... built by the venv's ninja, not whichever the shell finds first (megatrain also pins it on import).
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv install demo test test-fast clean
+.PHONY: venv install demo test test-fast clean gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,20 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests -m "not slow"
+
+# The prepared GPU check (benchmarks/gpu_check.py, docs/kernels.md): on a bare machine with one NVIDIA GPU.
+# WHEELS=DIR installs DeepSpeed and the packages the GPU image lacks from that folder (make gpu-wheels fills it).
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
+
+# Wheels for a Python 3.12 GPU machine without network: DeepSpeed (pure Python, built here) and what it and
+# megatrain need beyond that image (pydantic and its parts, hjson), plus Liger for the kernel comparisons.
+GPU_WHEELS := pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	hjson==3.1.0 liger-kernel
+gpu-wheels:
+	$(PY) -m pip wheel -q --no-deps -w .whl $(DEEPSPEED)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf runs data_cache build *.egg-info

@@ -52,7 +52,10 @@ def _cases(args, b, hq, hkv, s, d, dtype, causal, attention, reference):
     flops = 4 * b * s * s * hq * d / (2 if causal else 1)
     label = f"B{b} H{hq}/{hkv} S{s} D{d} {'causal' if causal else 'full'}"
     bwd = {name: common.backward_of(fn, [q, k, v]) for name, fn in fns.items()}
-    return [common.Case(label, "fwd", fns, flops=flops), common.Case(label, "bwd", bwd, flops=2.5 * flops)]
+    policy = {"op": "attention", "dtype": str(dtype).removeprefix("torch."),
+              "shape": {"head_dim": d, "causal": causal, "seq_len": s, "q_heads": hq, "kv_heads": hkv}}
+    return [common.Case(label, "fwd", fns, flops=flops, notes={"policy": policy}),
+            common.Case(label, "bwd", bwd, flops=2.5 * flops, notes={"policy": policy})]
 
 
 def main(argv=None):

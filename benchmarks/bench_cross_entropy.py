@@ -48,7 +48,9 @@ def _ce_cases(args, n, v, dtype, cross_entropy, reference):
     peaks = {name: common.peak_memory_mb(fn, args.device) for name, fn in runs.items()}
     label = f"{n}x{v} {str(dtype).removeprefix('torch.')}"
     # compulsory: read logits once, write their gradient once
-    return [common.Case(label, "fwd+bwd", runs, bytes_moved=2 * n * v * size, notes={"peak_mb": peaks})]
+    policy = {"op": "cross_entropy", "dtype": str(dtype).removeprefix("torch."), "shape": {"vocab": v, "tokens": n}}
+    return [common.Case(label, "fwd+bwd", runs, bytes_moved=2 * n * v * size,
+                        notes={"peak_mb": peaks, "policy": policy})]
 
 
 def _flce_cases(args, n, h, v, dtype, fused, reference):

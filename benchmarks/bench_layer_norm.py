@@ -29,7 +29,7 @@ def main(argv=None):
     cases = norm_cases(args, kernel=lambda x, w, b: layer_norm(x, w, b, eps),
                        reference=lambda x, w, b: layer_norm_reference(x, w, b, eps),
                        kernel_add=lambda x, r, w, b: add_layer_norm(x, r, w, b, eps), reference_add=reference_add,
-                       liger_factory=liger, has_bias=True)
+                       liger_factory=liger, has_bias=True, op="layer_norm")
     common.run(args, cases)
 
 

@@ -15,17 +15,18 @@ GPU_SHAPES = [(16384, 4096, torch.bfloat16), (4096, 16384, torch.float32), (1638
 SMOKE_SHAPES = [(64, 96, torch.float32)]
 
 
-def norm_cases(args, *, kernel, reference, kernel_add, reference_add, liger_factory, has_bias: bool):
+def norm_cases(args, *, kernel, reference, kernel_add, reference_add, liger_factory, has_bias: bool,
+               op: str = "rms_norm"):
     """fwd, bwd and fused-residual fwd cases per shape (shared with bench_layer_norm.py)."""
     shapes = SMOKE_SHAPES if args.smoke else GPU_SHAPES[:1] if args.quick else GPU_SHAPES
     cases = []
     for n, h, dtype in shapes:  # one function call per shape: the lambdas must not share loop variables
         cases += _shape_cases(args, n, h, dtype, kernel=kernel, reference=reference, kernel_add=kernel_add,
-                              reference_add=reference_add, liger_factory=liger_factory, has_bias=has_bias)
+                              reference_add=reference_add, liger_factory=liger_factory, has_bias=has_bias, op=op)
     return cases
 
 
-def _shape_cases(args, n, h, dtype, *, kernel, reference, kernel_add, reference_add, liger_factory, has_bias):
+def _shape_cases(args, n, h, dtype, *, kernel, reference, kernel_add, reference_add, liger_factory, has_bias, op):
     cases = []
     size = torch.tensor([], dtype=dtype).element_size()
     x = torch.randn(n, h, device=args.device, dtype=dtype, requires_grad=True)
@@ -41,10 +42,12 @@ def _shape_cases(args, n, h, dtype, *, kernel, reference, kernel_add, reference_
         **{"torch.compile": (lambda: comp(x, w, *extra)) if comp else None,
            "liger": (lambda: liger(x)) if liger else None})
     # fwd: read x, write y; bwd: read x, dy, write dx (weights and per-row stats are noise)
-    cases.append(common.Case(label, "fwd", fwd, bytes_moved=2 * n * h * size))
+    # what ops/policy.py matches a run against (kernels_<gpu class>.json)
+    policy = {"op": op, "dtype": str(dtype).removeprefix("torch."), "shape": {"hidden": h, "tokens": n}}
+    cases.append(common.Case(label, "fwd", fwd, bytes_moved=2 * n * h * size, notes={"policy": policy}))
     inputs = [x, w] + ([b] if has_bias else [])
     bwd = {name: common.backward_of(fn, inputs) for name, fn in fwd.items()}
-    cases.append(common.Case(label, "bwd", bwd, bytes_moved=3 * n * h * size))
+    cases.append(common.Case(label, "bwd", bwd, bytes_moved=3 * n * h * size, notes={"policy": policy}))
     add = common.variants(triton=lambda: kernel_add(x, r, w, *extra), torch=lambda: reference_add(x, r, w, *extra))
     cases.append(common.Case(label + " +res", "fwd", add, bytes_moved=4 * n * h * size))
     return cases

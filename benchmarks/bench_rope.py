@@ -36,7 +36,9 @@ def _cases(args, b, hq, hkv, t, d, dtype, rope, reference, rope_cache):
     label = f"B{b} Hq{hq} Hkv{hkv} T{t} D{d} {str(dtype).removeprefix('torch.')}"
     bwd = {name: common.backward_of(fn, [q, k]) for name, fn in fwd.items() if name != "triton-inplace"}
     moved = 2 * (q.numel() + k.numel()) * size  # read + write q and k; cos/sin stay in cache
-    return [common.Case(label, "fwd", fwd, bytes_moved=moved), common.Case(label, "bwd", bwd, bytes_moved=moved)]
+    policy = {"op": "rope", "dtype": str(dtype).removeprefix("torch."), "shape": {"head_dim": d, "seq_len": t}}
+    return [common.Case(label, "fwd", fwd, bytes_moved=moved, notes={"policy": policy}),
+            common.Case(label, "bwd", bwd, bytes_moved=moved, notes={"policy": policy})]
 
 
 def main(argv=None):

@@ -32,8 +32,9 @@ def _cases(args, n, f, dtype, swiglu, reference):
     label = f"{n}x{f} {str(dtype).removeprefix('torch.')}"
     bwd = {name: common.backward_of(fn, [gate, up]) for name, fn in fwd.items()}
     # fwd: read gate, up, write out; bwd: read dy, gate, up, write dgate, dup
-    return [common.Case(label, "fwd", fwd, bytes_moved=3 * n * f * size),
-            common.Case(label, "bwd", bwd, bytes_moved=5 * n * f * size)]
+    policy = {"op": "swiglu", "dtype": str(dtype).removeprefix("torch."), "shape": {"ffn": f, "tokens": n}}
+    return [common.Case(label, "fwd", fwd, bytes_moved=3 * n * f * size, notes={"policy": policy}),
+            common.Case(label, "bwd", bwd, bytes_moved=5 * n * f * size, notes={"policy": policy})]
 
 
 def main(argv=None):

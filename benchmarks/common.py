@@ -23,11 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-# Measured on this workplace's H100 (KERNELS.md) and the datasheet figures, for the "% of ceiling" columns.
-CEILINGS = {
-    "TB/s": {"measured": 3.0, "datasheet": 3.35},
-    "TFLOP/s": {"measured": 798.0, "datasheet": 989.0},
-}
+# Datasheet memory bandwidth (TB/s) by CUDA device name, first match wins; the bf16 dense peak is
+# megatrain/train/perf.py's table. The "measured" ceilings are measured on the device at benchmark time
+# (``measure_ceilings``): a device-to-device copy and a large bf16 GEMM, so "% of ceiling" never rests on
+# another machine's figure.
+DATASHEET_TBPS = (("H100 PCIE", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8), ("H800", 3.35),
+                  ("GH200", 4.0), ("B200", 8.0), ("A100", 2.039), ("L40S", 0.864), ("L40", 0.864), ("L4", 0.3),
+                  ("A10G", 0.6), ("A10", 0.6), ("RTX 4090", 1.008))
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -101,14 +103,66 @@ def env_info(device: str) -> dict:
     return info
 
 
+def datasheet_ceilings(gpu_name: str) -> dict:
+    from megatrain.train.perf import peak_bf16_flops
+    upper = gpu_name.upper()
+    tbps = next((v for k, v in DATASHEET_TBPS if k in upper), None)
+    flops = peak_bf16_flops(gpu_name)
+    return {"TB/s": tbps, "TFLOP/s": flops / 1e12 if flops else None}
+
+
+def measure_ceilings(device: str, *, copy_bytes: int = 2 << 30, gemm_n: int = 8192) -> dict:
+    """{"TB/s": {"measured", "datasheet"}, "TFLOP/s": {...}} for this device, measured now.
+
+    Copy: ``dst.copy_(src)`` of ``copy_bytes`` (2 GiB, ≫ L2), counted as read + write. GEMM: bf16
+    (n×n)·(n×n), 2n³ FLOPs. Both the p50 of do_bench. Without CUDA nothing is measured (None)."""
+    if device != "cuda":
+        return {"TB/s": {"measured": None, "datasheet": None}, "TFLOP/s": {"measured": None, "datasheet": None},
+                "how": "not measured (no GPU)"}
+    import torch
+    from triton.testing import do_bench
+
+    sheet = datasheet_ceilings(torch.cuda.get_device_name())
+    src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, quantiles=[0.5])
+    copy_ms = copy_ms[0] if isinstance(copy_ms, (list, tuple)) else copy_ms
+    del src, dst
+    a = torch.randn(gemm_n, gemm_n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(gemm_n, gemm_n, dtype=torch.bfloat16, device="cuda")
+    gemm_ms = do_bench(lambda: a @ b, warmup=25, rep=200, quantiles=[0.5])
+    gemm_ms = gemm_ms[0] if isinstance(gemm_ms, (list, tuple)) else gemm_ms
+    del a, b
+    torch.cuda.empty_cache()
+    return {"TB/s": {"measured": 2 * copy_bytes / (copy_ms * 1e-3) / 1e12, "datasheet": sheet["TB/s"]},
+            "TFLOP/s": {"measured": 2 * gemm_n**3 / (gemm_ms * 1e-3) / 1e12, "datasheet": sheet["TFLOP/s"]},
+            "how": f"copy of {copy_bytes / 2**30:.0f} GiB (read+write), bf16 GEMM {gemm_n}^3, do_bench p50"}
+
+
+_CEILINGS: dict = {}
+
+
+def ceilings(device: str) -> dict:
+    """The device's ceilings, measured once per process."""
+    if device not in _CEILINGS:
+        _CEILINGS[device] = measure_ceilings(device)
+    return _CEILINGS[device]
+
+
+def _pct(value: float, ceiling: float | None) -> float | None:
+    return 100 * value / ceiling if ceiling else None
+
+
 def _derived(case: Case, ms: float) -> tuple[str, float]:
     if case.flops:
         return "TFLOP/s", case.flops / (ms * 1e-3) / 1e12
     return "TB/s", case.bytes_moved / (ms * 1e-3) / 1e12
 
 
-def measure(cases: list[Case], *, smoke: bool, rounds: int = 2) -> list[dict]:
-    """Time every variant of every case, variants interleaved, ``rounds`` times; keep the best p50."""
+def measure(cases: list[Case], *, smoke: bool, rounds: int = 2, ceiling: dict | None = None) -> list[dict]:
+    """Time every variant of every case, variants interleaved, ``rounds`` times; keep the best p50.
+    ``ceiling``: ``measure_ceilings``' result for the "% of measured / datasheet" columns."""
+    ceiling = ceiling or ceilings("cpu" if smoke else "cuda")
     rows = []
     for case in cases:
         best: dict[str, tuple[float, float, float]] = {}
@@ -131,8 +185,8 @@ def measure(cases: list[Case], *, smoke: bool, rounds: int = 2) -> list[dict]:
             rows.append({
                 "shape": case.label, "mode": case.mode, "variant": name,
                 "ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "unit": unit, "value": value,
-                "pct_measured_ceiling": 100 * value / CEILINGS[unit]["measured"],
-                "pct_datasheet": 100 * value / CEILINGS[unit]["datasheet"],
+                "pct_measured_ceiling": _pct(value, ceiling[unit]["measured"]),
+                "pct_datasheet": _pct(value, ceiling[unit]["datasheet"]),
                 "x_vs_eager": eager / p50 if eager else None,
                 "x_vs_compile": compiled / p50 if compiled else None,
                 **case.notes,
@@ -144,7 +198,7 @@ def measure(cases: list[Case], *, smoke: bool, rounds: int = 2) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     header = f"{'shape':<34} {'mode':<8} {'variant':<14} {'p50 ms':>9} {'p20':>8} {'p80':>8} {'rate':>14} " \
-             f"{'%ceil':>6} {'x eager':>8} {'x compile':>9}"
+             f"{'%meas':>6} {'%sheet':>6} {'x eager':>8} {'x compile':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -152,9 +206,10 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['shape']:<34} {r['mode']:<8} {r['variant']:<14} skipped: {r['error']}")
             continue
         fmt = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
+        fmt1 = lambda x: f"{x:.1f}" if x is not None else "-"  # noqa: E731
         print(f"{r['shape']:<34} {r['mode']:<8} {r['variant']:<14} {r['ms_p50']:>9.4f} {r['ms_p20']:>8.4f} "
-              f"{r['ms_p80']:>8.4f} {r['value']:>8.1f} {r['unit']:<5} {r['pct_measured_ceiling']:>6.1f} "
-              f"{fmt(r['x_vs_eager']):>8} {fmt(r['x_vs_compile']):>9}")
+              f"{r['ms_p80']:>8.4f} {r['value']:>8.1f} {r['unit']:<5} {fmt1(r['pct_measured_ceiling']):>6} "
+              f"{fmt1(r['pct_datasheet']):>6} {fmt(r['x_vs_eager']):>8} {fmt(r['x_vs_compile']):>9}")
 
 
 def run_header(name: str, *, device: str, config: str, overrides) -> dict:
@@ -185,17 +240,59 @@ def write_json(args: argparse.Namespace, rows: list[dict]) -> str | None:
     else:
         gpu = info["gpu"].replace(" ", "_").replace("/", "_")
         path = os.path.join(RESULTS_DIR, f"{args.name}_{gpu}_{info['date'][:10]}.json")
-    return save_record(path, {"benchmark": args.name, "env": info, "ceilings": CEILINGS, "rows": rows})
+    return save_record(path, {"benchmark": args.name, "env": info, "ceilings": ceilings(args.device), "rows": rows})
+
+
+def kernel_records(rows: list[dict]) -> list[dict]:
+    """Policy records (ops/policy.py) from benchmark rows: per case and mode with a ``policy`` note, the
+    triton variant's p50 against the torch path's (eager torch: what ``auto`` runs otherwise)."""
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if "policy" in r and "error" not in r:
+            by_case.setdefault((r["shape"], r["mode"]), {})[r["variant"]] = r
+    out = []
+    for (label, mode), variants_ in by_case.items():
+        if "triton" in variants_ and "torch" in variants_:
+            pol = variants_["triton"]["policy"]
+            out.append({"op": pol["op"], "backend": "triton", "dtype": pol["dtype"], "shape": pol["shape"],
+                        "mode": mode, "label": label, "ms": variants_["triton"]["ms_p50"],
+                        "torch_ms": variants_["torch"]["ms_p50"]})
+    return out
+
+
+def write_kernel_records(records: list[dict], info: dict, directory: str = RESULTS_DIR) -> str | None:
+    """Merge ``records`` into ``kernels_<gpu class>.json`` (an op's old records are replaced by its new ones)."""
+    if not records or info.get("device") != "cuda":
+        return None
+    from megatrain.ops.policy import gpu_class
+    cls = gpu_class(info["gpu"])
+    path = os.path.join(directory, f"kernels_{cls}.json")
+    old = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f).get("records", [])
+    ops = {r["op"] for r in records}
+    merged = [r for r in old if r["op"] not in ops] + records
+    return save_record(path, {"gpu": info["gpu"], "gpu_class": cls, "torch": info["torch"], "triton": info["triton"],
+                              "date": info["date"], "records": merged})
 
 
 def run(args: argparse.Namespace, cases: list[Case]) -> list[dict]:
-    rows = measure(cases, smoke=args.smoke)
+    ceiling = ceilings(args.device)
+    rows = measure(cases, smoke=args.smoke, ceiling=ceiling)
     print(f"{args.name} on {env_info(args.device)['gpu']}"
           + (" (smoke: interpreter timings are meaningless)" if args.smoke else ""))
+    if ceiling["TB/s"]["measured"]:
+        print(f"ceilings measured now: {ceiling['TB/s']['measured']:.2f} TB/s copy, "
+              f"{ceiling['TFLOP/s']['measured']:.0f} TFLOP/s bf16 GEMM (datasheet {ceiling['TB/s']['datasheet']} TB/s, "
+              f"{ceiling['TFLOP/s']['datasheet']} TFLOP/s); %meas / %sheet columns are of these")
     print_table(rows)
     path = write_json(args, rows)
     if path:
         print(f"wrote {path}")
+        records = write_kernel_records(kernel_records(rows), env_info(args.device))
+        if records:
+            print(f"kernel choice records (model.kernels=auto reads them): {records}")
     return rows
 
 

@@ -82,7 +82,8 @@ def all_reduce(t: torch.Tensor, *, op: str = "sum", group=None) -> torch.Tensor:
         work, moved = work.contiguous(), True
     dist.all_reduce(work, op=_OPS[op], group=group)
     if moved:
-        t.copy_(work)
+        with torch.no_grad():  # like the collective itself: a data write autograd does not record
+            t.copy_(work)
     return t
 
 

@@ -9,12 +9,10 @@ import importlib
 
 import torch
 from megatrain.errors import UserError
+from megatrain.ops.policy import Choice, KernelPolicy
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 OPS = ("attention", "layer_norm", "rms_norm", "cross_entropy", "swiglu", "rope", "adamw")
-
-
-from megatrain.ops.policy import Choice, KernelPolicy
 
 KernelConfig = KernelPolicy  # the old name: .default and .overrides are the same fields
 

@@ -8,8 +8,9 @@ import time
 
 
 class RunLogger:
-    """Writes ``<log.dir>/metrics.jsonl`` (fields: step, loss, lr, tokens_per_s, ..., val_* on eval steps, and
-    ``run``: which start of the run wrote it, listed in runs.jsonl), TensorBoard scalars and a progress display. Only rank 0 constructs an active logger."""
+    """Writes ``<log.dir>/metrics.jsonl`` (fields: step, loss, lr, tokens_per_s, step_time_s, mfu (GPU,
+    Transformer LMs), peak_mem_gib, ... and val_* on eval steps, and ``run``: which start of the run wrote it,
+    listed in runs.jsonl), TensorBoard scalars and a progress display. Only rank 0 constructs an active logger."""
 
     def __init__(self, log_dir: str, *, total_steps: int, start_step: int, progress: str, tensorboard: bool,
                  active: bool):
@@ -86,6 +87,10 @@ class RunLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
         info = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+        if "mfu" in record:
+            info += f" mfu {100 * record['mfu']:.1f}%"
+        if "peak_mem_gib" in record:
+            info += f" mem {record['peak_mem_gib']:.2f} GiB"
         if "val_loss" in record:
             info += f" | val {record['val_loss']:.4f}"
         if self.progress == "rich":

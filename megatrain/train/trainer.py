@@ -392,6 +392,8 @@ class Trainer:
                        + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
         last: dict[str, float] = {}
         first_step = self.step
+        from megatrain.train.perf import StepPerf
+        perf = StepPerf(cfg, self.device, self.world)
         try:
             while self.step < cfg.train.max_steps:
                 if self.step in self.skipped_batches:  # a batch a rollback chose to skip: consume it unseen
@@ -406,7 +408,8 @@ class Trainer:
                 self.step += 1
                 if self._after_nonfinite(metrics, logger):
                     continue
-                record = {"step": self.step, **metrics, "lr": lr, "tokens_per_s": items / dt, "step_time_s": dt}
+                record = {"step": self.step, **metrics, "lr": lr, "tokens_per_s": items / dt, "step_time_s": dt,
+                          **perf.fields(items / dt)}
                 if comm_counter.enabled_by_env():
                     record["comm_bytes"] = comm_counter.take()  # this rank's payload bytes in the step
                 every = cfg.train.eval_every

@@ -14,7 +14,8 @@ def test_demo_recipe_learns(tiny_corpus, tmp_path):
                   f"--log.dir={tmp_path}", "--log.progress=plain"], timeout=400)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31))
-    assert {"step", "loss", "lr", "tokens_per_s"} <= set(rows[0])
+    assert {"step", "loss", "lr", "tokens_per_s", "peak_mem_gib"} <= set(rows[0])
+    assert "mfu" not in rows[0] and rows[0]["peak_mem_gib"] > 0  # CPU: no datasheet peak, RSS as memory
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
     assert "val_loss" in rows[14] and "val_ppl" in rows[-1]
     assert (tmp_path / "report.png").stat().st_size > 10_000

@@ -328,3 +328,46 @@ def test_fused_linear_ce_refuses_layouts_it_cannot_serve():
     with pytest.raises(UserError, match="train.fused_linear_ce needs a Transformer"):
         LanguageModelingTask(build_config({**tree, "model": {"arch": "lstm", "vocab_size": 50}},
                                           {"train.fused_linear_ce": True}))
+
+
+@pytest.mark.gpu
+def test_dead_logits_peak_memory_gpu():
+    """8192 tokens × 32768 vocab bf16: with the logits dead, fwd+bwd allocates no second N×V buffer
+    (peak extra < one logits' size), while the unfused torch path needs several."""
+    n, v = 8192, 32768
+    labels = torch.randint(0, v, (n,), device="cuda")
+    nbytes = n * v * 2
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    def dead():
+        logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True) * 1.0
+        cross_entropy(logits, labels, reuse_logits=True).backward()
+
+    def kept():
+        logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True) * 1.0
+        cross_entropy(logits, labels).backward()
+
+    # the leaf (+ its grad) is common to both; the difference is the kernel's own gradient buffer
+    assert peak(kept) - peak(dead) >= 0.9 * nbytes
+
+
+@pytest.mark.gpu
+def test_fp32_attention_on_gpu_runs_sdpa_even_when_triton_is_asked(monkeypatch):
+    from megatrain.ops import attention as ops_attention
+    from megatrain.ops.attention import attention_reference
+
+    monkeypatch.setattr(ops_attention, "backend_for", lambda op, device, **kw: "triton")
+    called = []
+    kernel = __import__("megatrain.triton_kernels.flash_attention", fromlist=["attention"])
+    monkeypatch.setattr(kernel, "attention", lambda *a, **k: called.append(1))
+    q = torch.randn(1, 2, 64, 64, device="cuda")
+    out = ops_attention.attention(q, q, q, True)
+    assert not called
+    torch.testing.assert_close(out, attention_reference(q, q, q, True))

@@ -140,3 +140,27 @@ def _ranks(rank, world):
 @pytest.mark.dist
 def test_module_on_two_gloo_ranks():
     spawn_group(2, _ranks)
+
+
+def test_trainer_keeps_micro_batch_stats_on_the_device():
+    """No host copy per micro-batch: statistics stay on their device until the step's one reduction.
+    (Meta tensors stand in for CUDA ones: a .cpu() there raises.)"""
+    from megatrain.train.trainer import Trainer
+
+    totals = {}
+    for _ in range(3):
+        Trainer._add(totals, {"loss_sum": torch.ones((), device="meta"), "count": torch.ones((), device="meta")})
+    assert all(v.device.type == "meta" for v in totals.values())
+
+
+def test_trainer_reduce_is_one_collective_then_one_host_copy(monkeypatch):
+    from megatrain.train.trainer import Trainer
+
+    calls = []
+    monkeypatch.setattr(hc, "world_size", lambda group=None: 2)
+    monkeypatch.setattr(hc, "backend_name", lambda group=None: "gloo")
+    monkeypatch.setattr(hc.dist, "all_reduce", lambda t, op=None, group=None: (calls.append(t.dtype), t.mul_(2)))
+    out = Trainer._reduce({"loss_sum": torch.tensor(3.0), "count": torch.tensor([2.0, 5.0])}, None)
+    assert calls == [torch.float64]  # one packed fp64 collective
+    assert out["loss_sum"].item() == 6.0 and out["count"].tolist() == [4.0, 10.0]
+    assert all(v.device.type == "cpu" for v in out.values())
