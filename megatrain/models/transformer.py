@@ -21,12 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatrain import ops
+from megatrain.ops.kernels import DEFAULT_KERNELS
 from megatrain.config.schema import ModelConfig
 from megatrain.errors import UserError
 
 
 class Norm(nn.Module):
     """LayerNorm (gpt2) or RMSNorm (llama) through the op dispatcher."""
+
+    kernels = DEFAULT_KERNELS  # the run's own, once the kernels transform has run (megatrain.ops.kernels)
 
     def __init__(self, hidden: int, *, kind: str, eps: float):
         super().__init__()
@@ -36,8 +39,8 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
         if self.kind == "layer":
-            return ops.layer_norm(x, self.weight, self.bias, self.eps)
-        return ops.rms_norm(x, self.weight, self.eps)
+            return self.kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -56,6 +59,8 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
+    kernels = DEFAULT_KERNELS
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         bias = cfg.arch == "gpt2"
@@ -81,12 +86,14 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)  # over D, per head
         if self.rotary is not None:
             cos, sin = self.rotary(t, x.device)
-            q, k = ops.apply_rope(q, k, cos, sin)
-        y = ops.attention(q, k, v, causal=True, window=self.window)  # (B, Hq, T, D)
+            q, k = self.kernels.apply_rope(q, k, cos, sin)
+        y = self.kernels.attention(q, k, v, causal=True, window=self.window)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, H)
 
 
 class MLP(nn.Module):
+    kernels = DEFAULT_KERNELS
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, f = cfg.hidden_size, cfg.ffn_size
@@ -100,7 +107,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
         if self.swiglu:
             if self.activation == "silu":
-                return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))  # inner (B, T, F)
+                return self.down_proj(self.kernels.swiglu(self.gate_proj(x), self.up_proj(x)))  # inner (B, T, F)
             return self.down_proj(_ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(_ACTIVATIONS[self.activation](self.up_proj(x)))
 

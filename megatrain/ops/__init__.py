@@ -1,9 +1,11 @@
 """Op dispatch: every hot op the models use goes through here.
 
 Backends per op: ``triton`` (fused Triton kernels, CUDA tensors), ``cuda`` (C++/CUDA extensions from
-csrc/ when built), ``torch`` (plain-torch reference; always available, the CPU path). ``auto`` picks the
-fastest available for the tensor's device. The choice is process-wide (like ``torch.backends``) and
-set from ``model.kernels`` / ``model.kernel_overrides`` by :func:`configure`.
+csrc/ when built), ``torch`` (plain-torch reference; always available, the CPU path). ``auto`` picks torch
+unless a committed benchmark record proves a kernel faster here (ops/policy.py). A run's KernelPolicy comes from
+``model.kernels`` / ``model.kernel_overrides`` and is passed in: to the model by the kernels transform
+(``ops.kernels.use_kernels``), to the loss and to the optimizer. :func:`configure` sets only the default that
+ops called without a policy use (benchmarks, tests, scripts).
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    backend = backend_for("swiglu", gate.device, dtype=gate.dtype, shape={"ffn": gate.shape[-1]})
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, policy=None) -> torch.Tensor:
+    backend = backend_for("swiglu", gate.device, dtype=gate.dtype, shape={"ffn": gate.shape[-1]}, policy=policy)
     if backend != "torch":
         return provider("swiglu", backend)(gate, up)
     return swiglu_reference(gate, up)

@@ -168,7 +168,7 @@ def _first_dtype(param_groups: list) -> torch.dtype | None:
 
 
 def make_adamw(param_groups, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-               offload: bool = False) -> torch.optim.Optimizer:
+               offload: bool = False, policy=None) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay) over ``param_groups``; ``offload`` means the states live on CPU.
 
     Backend from ``model.kernel_overrides.adamw`` (else ``model.kernels``):
@@ -180,8 +180,8 @@ def make_adamw(param_groups, *, lr: float, betas: tuple[float, float], eps: floa
       (kernels/adamw.py); ``torch`` -> torch.optim.AdamW(fused=True); ``auto`` -> torch's fused AdamW unless
       a benchmark record for this GPU class shows a kernel faster (ops/policy.py).
     """
-    config = current_config()
-    backend = config.overrides.get("adamw", config.default)
+    config = policy or current_config()
+    backend = config.wanted("adamw")
     kw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     param_groups = list(param_groups)
     device = _first_device(param_groups)
@@ -195,7 +195,7 @@ def make_adamw(param_groups, *, lr: float, betas: tuple[float, float], eps: floa
         return torch.optim.AdamW(param_groups, **kw)
     if backend == "auto":
         from megatrain.ops.dispatch import explain
-        backend = explain("adamw", device, dtype=_first_dtype(param_groups)).backend
+        backend = explain("adamw", device, dtype=_first_dtype(param_groups), policy=config).backend
     if backend == "cuda":
         return FusedAdamW(param_groups, **kw)
     if backend == "triton":

@@ -33,14 +33,15 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              window: int | None = None) -> torch.Tensor:
+              window: int | None = None, *, policy=None) -> torch.Tensor:
     """``window``: each query sees at most that many keys, itself included (Mistral's sliding window). The
     fused kernels have no window, so a window shorter than the sequence runs the masked torch reference."""
     if q.shape[1] % k.shape[1] != 0:
         raise UserError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
     if window is not None and window < k.shape[2]:
         return attention_reference(q, k, v, causal, window)
-    backend = backend_for("attention", q.device, dtype=q.dtype, shape={"head_dim": q.shape[-1], "causal": causal})
+    backend = backend_for("attention", q.device, dtype=q.dtype, shape={"head_dim": q.shape[-1], "causal": causal},
+                          policy=policy)
     if backend == "triton" and q.dtype == torch.float32 and q.is_cuda:
         # never the IEEE fp32 Triton path on a GPU, even when asked for: SDPA is several times faster there
         if ("fp32",) not in _warned:

@@ -27,11 +27,12 @@ def cross_entropy_reference(
 
 def cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-    label_smoothing: float = 0.0, reduction: str = "mean", logits_dead: bool = False,
+    label_smoothing: float = 0.0, reduction: str = "mean", logits_dead: bool = False, policy=None,
 ) -> torch.Tensor:
     """``logits_dead=True``: the caller never reads ``logits`` again, so the triton backend writes the gradient
     over them instead of a second (N, V) buffer (Liger's trick). The torch path ignores it."""
-    backend = backend_for("cross_entropy", logits.device, dtype=logits.dtype, shape={"vocab": logits.shape[-1]})
+    backend = backend_for("cross_entropy", logits.device, dtype=logits.dtype, shape={"vocab": logits.shape[-1]},
+                          policy=policy)
     if backend != "torch":
         kwargs = {"reuse_logits": True} if logits_dead and backend == "triton" else {}
         return provider("cross_entropy", backend)(
@@ -52,14 +53,15 @@ def fused_linear_cross_entropy_reference(
 
 def fused_linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
-    ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+    ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean", policy=None,
 ) -> torch.Tensor:
     """CE(hidden @ weightᵀ + bias, labels); the triton backend never holds the full (N, V) logits.
 
     reduction is mean or sum (the fused path has no per-token loss)."""
     if reduction not in ("mean", "sum"):
         raise UserError(f"fused_linear_cross_entropy: reduction={reduction!r}; use mean or sum")
-    if backend_for("cross_entropy", hidden.device, dtype=hidden.dtype, shape={"vocab": weight.shape[0]}) == "triton":
+    if backend_for("cross_entropy", hidden.device, dtype=hidden.dtype, shape={"vocab": weight.shape[0]},
+                   policy=policy) == "triton":
         return importlib.import_module(_TRITON_FUSED_LINEAR_CE).fused_linear_cross_entropy(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
             reduction=reduction)
@@ -128,7 +130,7 @@ def vocab_parallel_cross_entropy_reference(
 def vocab_parallel_cross_entropy(
     local_logits: torch.Tensor, labels: torch.Tensor, group, *, ignore_index: int = -100,
     label_smoothing: float = 0.0, reduction: str = "mean", vocab_start: int | None = None,
-    vocab_size: int | None = None,
+    vocab_size: int | None = None, policy=None,
 ) -> torch.Tensor:
     """Cross-entropy over a vocabulary split across ``group`` (a torch.distributed process group).
 
@@ -137,7 +139,7 @@ def vocab_parallel_cross_entropy(
     rank gets the same full-vocabulary loss; gradients stay local (no backward communication)."""
     kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                   vocab_start=vocab_start, vocab_size=vocab_size)
-    if backend_for("cross_entropy", local_logits.device, dtype=local_logits.dtype) == "triton":
+    if backend_for("cross_entropy", local_logits.device, dtype=local_logits.dtype, policy=policy) == "triton":
         return importlib.import_module(_TRITON_VOCAB_PARALLEL_CE).vocab_parallel_cross_entropy(
             local_logits, labels, group, **kwargs)
     return vocab_parallel_cross_entropy_reference(local_logits, labels, group, **kwargs)

@@ -1,7 +1,8 @@
-"""Which backend runs each op: the run's KernelPolicy (ops/policy.py), set once from the config.
+"""Which backend runs each op, under a KernelPolicy (ops/policy.py).
 
-Models call ``megatrain.ops`` without a policy argument (they are pure architecture), so the policy of the
-run is held here; ``configure`` replaces it, ``current_policy`` returns it."""
+A run's policy is built from its config (:func:`policy_from_config`) and handed to the model by the kernels
+transform (``ops.kernels.use_kernels``) and to the loss and the optimizer: every op takes ``policy=``. An op called
+without one (a benchmark, a test, a script) uses the default policy, which ``configure`` replaces."""
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,9 @@ def register(op: str, backend: str, module: str) -> None:
     _available.cache_clear()
 
 
-def configure(default: str = "auto", overrides: dict[str, str] | None = None, *, gpu: str | None = None,
-              records_dir: str | None = None) -> KernelPolicy:
+def make_policy(default: str = "auto", overrides: dict[str, str] | None = None, *, gpu: str | None = None,
+                records_dir: str | None = None) -> KernelPolicy:
+    """A validated policy; a bad backend or op name is one line naming the field."""
     overrides = dict(overrides or {})
     for name, value in [("model.kernels", default)] + [(f"model.kernel_overrides.{k}", v) for k, v in overrides.items()]:
         if value not in BACKENDS:
@@ -37,8 +39,19 @@ def configure(default: str = "auto", overrides: dict[str, str] | None = None, *,
     for op in overrides:
         if op not in OPS:
             raise UserError(f"model.kernel_overrides has unknown op {op!r}; known ops: {', '.join(OPS)}")
+    return KernelPolicy(default=default, overrides=overrides, gpu=gpu, directory=records_dir)
+
+
+def policy_from_config(model_cfg) -> KernelPolicy:
+    """The policy of a run: ``model.kernels`` / ``model.kernel_overrides``."""
+    return make_policy(model_cfg.kernels, model_cfg.kernel_overrides)
+
+
+def configure(default: str = "auto", overrides: dict[str, str] | None = None, *, gpu: str | None = None,
+              records_dir: str | None = None) -> KernelPolicy:
+    """Replace the default policy (the one ops use when called without ``policy=``)."""
     global _CONFIG
-    _CONFIG = KernelPolicy(default=default, overrides=overrides, gpu=gpu, directory=records_dir)
+    _CONFIG = make_policy(default, overrides, gpu=gpu, records_dir=records_dir)
     return _CONFIG
 
 
@@ -76,24 +89,29 @@ def _available(op: str, device_type: str) -> tuple[str, ...]:
     return tuple(found) + ("torch",)
 
 
-def explain(op: str, device: torch.device | str = "cpu", *, dtype=None, shape: dict | None = None) -> Choice:
-    """The backend ``op`` runs on ``device`` at ``dtype``/``shape``, and why."""
-    wanted = _CONFIG.wanted(op)
+def explain(op: str, device: torch.device | str = "cpu", *, dtype=None, shape: dict | None = None,
+            policy: KernelPolicy | None = None) -> Choice:
+    """The backend ``op`` runs on ``device`` at ``dtype``/``shape`` under ``policy``, and why."""
+    policy = policy or _CONFIG
+    wanted = policy.wanted(op)
     available = available_backends(op, device)
     if wanted == "auto":
         if torch.device(device).type != "cuda":
             return Choice("torch", f"{torch.device(device).type} tensors run the torch path")
-        return _CONFIG.resolve_auto(op, available, dtype=dtype, shape=shape)
-    return Choice(backend_for(op, device, dtype=dtype, shape=shape), f"model.kernels / kernel_overrides = {wanted}")
+        return policy.resolve_auto(op, available, dtype=dtype, shape=shape)
+    return Choice(backend_for(op, device, dtype=dtype, shape=shape, policy=policy),
+                  f"model.kernels / kernel_overrides = {wanted}")
 
 
-def backend_for(op: str, device: torch.device | str = "cpu", *, dtype=None, shape: dict | None = None) -> str:
-    wanted = _CONFIG.wanted(op)
+def backend_for(op: str, device: torch.device | str = "cpu", *, dtype=None, shape: dict | None = None,
+                policy: KernelPolicy | None = None) -> str:
+    policy = policy or _CONFIG
+    wanted = policy.wanted(op)
     available = available_backends(op, device)
     if wanted == "auto":
         if torch.device(device).type != "cuda":
             return "torch"
-        return _CONFIG.resolve_auto(op, available, dtype=dtype, shape=shape).backend
+        return policy.resolve_auto(op, available, dtype=dtype, shape=shape).backend
     if wanted not in available:
         raise UserError(
             f"model.kernels: backend {wanted!r} for op {op!r} is not available on {torch.device(device)} "

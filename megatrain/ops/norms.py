@@ -52,15 +52,16 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
-    backend = backend_for("layer_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]})
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5, *,
+               policy=None) -> torch.Tensor:
+    backend = backend_for("layer_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]}, policy=policy)
     if backend != "torch":
         return provider("layer_norm", backend)(x, weight, bias, eps)
     return layer_norm_fused(x, weight, bias, eps)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    backend = backend_for("rms_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]})
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, policy=None) -> torch.Tensor:
+    backend = backend_for("rms_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]}, policy=policy)
     if backend != "torch":
         return provider("rms_norm", backend)(x, weight, eps)
     return rms_norm_fused(x, weight, eps)
@@ -68,23 +69,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
 def add_layer_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5,
+    *, policy=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(layer_norm(x + residual), x + residual): fused in one kernel on the triton backend.
 
     The new residual keeps ``residual``'s dtype, so an fp32 residual stream stays fp32."""
-    backend = backend_for("layer_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]})
+    backend = backend_for("layer_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]}, policy=policy)
     if backend == "triton":
         return importlib.import_module(_TRITON_LAYER_NORM).add_layer_norm(x, residual, weight, bias, eps)
     h = (x + residual).to(residual.dtype)
-    return layer_norm(h, weight, bias, eps).to(x.dtype), h
+    return layer_norm(h, weight, bias, eps, policy=policy).to(x.dtype), h
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, policy=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual): fused in one kernel on the triton backend."""
-    backend = backend_for("rms_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]})
+    backend = backend_for("rms_norm", x.device, dtype=x.dtype, shape={"hidden": x.shape[-1]}, policy=policy)
     if backend == "triton":
         return importlib.import_module(_TRITON_RMS_NORM).add_rms_norm(x, residual, weight, eps)
     h = (x + residual).to(residual.dtype)
-    return rms_norm(h, weight, eps).to(torch.promote_types(x.dtype, weight.dtype)), h
+    return rms_norm(h, weight, eps, policy=policy).to(torch.promote_types(x.dtype, weight.dtype)), h

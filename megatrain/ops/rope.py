@@ -91,10 +91,11 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inplace: bool = False):
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inplace: bool = False,
+               policy=None):
     """Rotated (q, k). ``inplace=True`` lets the triton backend overwrite q and k (saves two activations);
     other backends ignore it, so always use the returned tensors."""
-    backend = backend_for("rope", q.device, dtype=q.dtype, shape={"head_dim": q.shape[-1]})
+    backend = backend_for("rope", q.device, dtype=q.dtype, shape={"head_dim": q.shape[-1]}, policy=policy)
     if backend == "triton":
         return provider("rope", backend)(q, k, cos, sin, inplace=inplace)
     if backend != "torch":

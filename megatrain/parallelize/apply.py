@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatrain import ops
+from megatrain.ops.dispatch import policy_from_config
+from megatrain.ops.kernels import Kernels, use_kernels
 from megatrain.config.schema import Config
 from megatrain.parallelize.activation_checkpointing import apply_activation_checkpointing
 from megatrain.parallelize.materialize import InitSource, load_buffers_, materialize_, placeholders_
@@ -16,7 +17,8 @@ def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None, source=Non
     """Return the model ready for DeepSpeed: kernels chosen, sharded over ``dims``, checkpointed, real.
 
     0. every parameter is tagged with its logical (unsharded) name and shape;
-    1. kernels: the process-wide op backends from model.kernels / kernel_overrides;
+    1. kernels: every module that calls ops gets the run's Kernels (the KernelPolicy of model.kernels /
+       kernel_overrides), passed in rather than set process-wide;
     2. tensor (+ sequence) parallel over dims.tp_group — on meta tensors when the model was built on meta;
     3. activation checkpointing of the blocks (per block, so it holds inside pipeline stages too);
     4. pipeline split over dims (DeepSpeed PipelineModule, computing ``loss_fn`` on the last stage) when pp > 1;
@@ -26,7 +28,7 @@ def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None, source=Non
     ZeRO partitioning over dims.dp_group is DeepSpeed's, at deepspeed.initialize.
     """
     tag_logical_names(model)
-    ops.configure(cfg.model.kernels, cfg.model.kernel_overrides)
+    use_kernels(model, Kernels(policy_from_config(cfg.model)))  # this model's policy; nothing process-wide
     if dims is not None and dims.tp > 1:
         from megatrain.parallelize.tensor_parallel import apply_tensor_parallel
         apply_tensor_parallel(model, cfg, dims)

@@ -82,7 +82,7 @@ def activation_bytes(m: ModelConfig, *, micro_batch: int, seq_len: int, tp: int 
 def _activation_bytes(model_json: str, micro_batch: int, seq_len: int, tp: int, sequence_parallel: bool,
                       dtype: torch.dtype, repeat_kv: bool) -> ActivationBytes:
     m = ModelConfig.model_validate_json(model_json)
-    from megatrain import ops
+    from megatrain.ops.kernels import Kernels, use_kernels
     from megatrain.plan.params import meta_model
     local = meta_model(_local_shapes(m, tp)).to(dtype)
     local.train()
@@ -93,28 +93,26 @@ def _activation_bytes(model_json: str, micro_batch: int, seq_len: int, tp: int, 
     for name, mod in (("norm", block.attn_norm), ("norm", block.mlp_norm), ("norm", block.dropout)):
         mod.register_forward_pre_hook(lambda _m, _a, n=name: region.append(n))  # hooks must return None:
         mod.register_forward_hook(lambda _m, _a, _o: region.pop() and None)  # a value would replace the output
-    real_attention = ops.attention
-    def stand_in(q, k, v, causal=True, window=None):  # counts the fused kernel; a window < T runs the
-        # masked torch reference, which also keeps the (T, T) scores: the plan is low for such runs
-        if repeat_kv and q.shape[1] != k.shape[1]:
-            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-        return _FlashLikeAttention.apply(q, k, v)
-    ops.attention = stand_in
-    try:
-        ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
-        with torch.device("meta"):
-            with _count_saved(counts, region, params):
-                region.append("embed")
-                h = local.embed(ids)
-                region.pop()
-            embed = counts.pop("embed", 0)
-            with _count_saved(counts, region, params):
-                h = block(h)
-            with _count_saved(head := {}, ["head"], params):
-                logits = local.head(h)
-                F.cross_entropy(logits.float().view(-1, logits.shape[-1]), ids.view(-1))
-    finally:
-        ops.attention = real_attention
+
+    class CountingKernels(Kernels):
+        def attention(self, q, k, v, causal=True, window=None):  # counts the fused kernel; a window < T runs
+            # the masked torch reference, which also keeps the (T, T) scores: the plan is low for such runs
+            if repeat_kv and q.shape[1] != k.shape[1]:
+                k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+            return _FlashLikeAttention.apply(q, k, v)
+    use_kernels(local, CountingKernels())  # this model's kernels only: nothing process-wide is patched
+    ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
+    with torch.device("meta"):
+        with _count_saved(counts, region, params):
+            region.append("embed")
+            h = local.embed(ids)
+            region.pop()
+        embed = counts.pop("embed", 0)
+        with _count_saved(counts, region, params):
+            h = block(h)
+        with _count_saved(head := {}, ["head"], params):
+            logits = local.head(h)
+            F.cross_entropy(logits.float().view(-1, logits.shape[-1]), ids.view(-1))
     residual_stream = counts.get("norm", 0)
     shard = residual_stream // tp if sequence_parallel else residual_stream
     itemsize = torch.empty((), dtype=dtype).element_size()

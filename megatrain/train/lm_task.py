@@ -6,7 +6,6 @@ import math
 import torch
 from torch import nn
 
-from megatrain import ops
 from megatrain.config.schema import Config
 from megatrain.errors import UserError
 
@@ -20,6 +19,9 @@ class LanguageModelingTask:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.tp_group = None  # set by configure_parallel when the LM head is vocab-parallel
+        from megatrain.ops.dispatch import policy_from_config
+        from megatrain.ops.kernels import Kernels
+        self.kernels = Kernels(policy_from_config(cfg.model))  # the loss runs under the run's kernel policy
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = read_vocab_size(cfg.data.path)
         if cfg.train.fused_linear_ce:
@@ -84,9 +86,8 @@ class LanguageModelingTask:
         weight = getattr(model, "module", model).head.lm_head.weight  # (V, H); tied: the token table
         labels = batch["labels"].reshape(-1)
         count = (labels != -100).sum()
-        from megatrain.ops.cross_entropy import fused_linear_cross_entropy
-        loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels,
-                                              label_smoothing=self.cfg.train.label_smoothing)
+        loss = self.kernels.fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels,
+                                                       label_smoothing=self.cfg.train.label_smoothing)
         return loss, {"loss_sum": loss.detach().float() * count, "count": count.float()}
 
     def loss_from_logits(self, logits: torch.Tensor, batch: dict, *, logits_dead: bool = False):
@@ -95,14 +96,13 @@ class LanguageModelingTask:
         flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         count = (flat_labels != -100).sum()
         if self.tp_group is not None:  # logits are (B, T, V/tp): never gather the vocabulary
-            from megatrain.ops.cross_entropy import vocab_parallel_cross_entropy
-            per_token = vocab_parallel_cross_entropy(flat_logits, flat_labels, self.tp_group, reduction="none",
-                                                     vocab_size=self.cfg.model.vocab_size,
-                                                     label_smoothing=self.cfg.train.label_smoothing)
+            per_token = self.kernels.vocab_parallel_cross_entropy(
+                flat_logits, flat_labels, self.tp_group, reduction="none", vocab_size=self.cfg.model.vocab_size,
+                label_smoothing=self.cfg.train.label_smoothing)
             loss = per_token.sum() / count.clamp_min(1)
         else:
-            loss = ops.cross_entropy(flat_logits, flat_labels, label_smoothing=self.cfg.train.label_smoothing,
-                                     logits_dead=logits_dead)
+            loss = self.kernels.cross_entropy(flat_logits, flat_labels, label_smoothing=self.cfg.train.label_smoothing,
+                                              logits_dead=logits_dead)
         stats = {"loss_sum": loss.detach().float() * count, "count": count.float()}
         return loss, stats
 

@@ -110,12 +110,14 @@ class Trainer:
     def _deepspeed(self, model, mpu):
         import deepspeed
         from megatrain.ops import make_adamw
+        from megatrain.ops.dispatch import policy_from_config
 
         t = self.cfg.train
         groups = param_groups(model, t.weight_decay)
         if t.optimizer == "adamw":
             opt = make_adamw(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                             offload=self.cfg.parallel.offload_optimizer == "cpu")
+                             offload=self.cfg.parallel.offload_optimizer == "cpu",
+                             policy=policy_from_config(self.cfg.model))
         else:
             opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(t))
