@@ -28,8 +28,8 @@ class LanguageModelingTask:
 
     def build_model(self) -> nn.Module:
         if self.cfg.model.is_transformer:
-            from megatrain.models.transformer import build_transformer
-            return build_transformer(self.cfg.model, seed=self.cfg.train.seed, meta=True)
+            from megatrain.models.registry import spec_for  # the model spec of the family
+            return spec_for(self.cfg.model).build(self.cfg.model, seed=self.cfg.train.seed, meta=True)
         from megatrain.models.rnn import build_rnn_lm  # lstm / gru language models
         torch.manual_seed(self.cfg.train.seed)
         return build_rnn_lm(self.cfg.model, self.cfg.model.vocab_size)
