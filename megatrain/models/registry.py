@@ -216,6 +216,8 @@ def _mistral_fields(hf: dict, where: str) -> dict:
 
 
 def _qwen2_fields(hf: dict, where: str) -> dict:
+    if _get(hf, "use_mrope", False):  # Qwen2.5 configs carry use_mrope=false; true is the multimodal RoPE
+        _refuse(where, "use_mrope", True, "megatrain computes 1-D RoPE")
     return _decoder_fields(hf, where, family="qwen2", qkv_bias=True)  # Qwen2 always has q/k/v biases
 
 
@@ -284,7 +286,7 @@ SPECS: dict[str, ModelSpec] = {s.family: s for s in (
               lambda c: _decoder_config(c, "MistralForCausalLM"), _decoder_map, frozenset(_DECODER_KEYS),
               extra_tensors=(".rotary_emb.inv_freq",)),
     ModelSpec("qwen2", "llama", "Qwen2ForCausalLM", _qwen2_fields, lambda c: _decoder_config(c, "Qwen2ForCausalLM"),
-              _decoder_map, frozenset(_DECODER_KEYS), extra_tensors=(".rotary_emb.inv_freq",)),
+              _decoder_map, frozenset(_DECODER_KEYS | {"use_mrope"}), extra_tensors=(".rotary_emb.inv_freq",)),
     ModelSpec("qwen3", "llama", "Qwen3ForCausalLM", _qwen3_fields, lambda c: _decoder_config(c, "Qwen3ForCausalLM"),
               _decoder_map, frozenset(_DECODER_KEYS | {"attention_bias"}), extra_tensors=(".rotary_emb.inv_freq",)),
 )}

@@ -53,3 +53,15 @@ def test_non_empty_target_refused_then_overwrite_keeps_other_files(source):
     again = transformers.AutoModelForCausalLM.from_pretrained(target)
     assert torch.equal(again.model.norm.weight.float(), torch.full((64,), 2.0))
     assert not list(source.glob("*.tmp-export-*"))
+
+
+def test_tokenizer_comes_from_the_prepared_data_dir(source):
+    """What the trainer passes: data.path, whose meta.json names its own copy of the tokenizer."""
+    from megatrain.config.schema import DataConfig
+    from megatrain.data.prepare import prepare_corpus
+    (source / "a.jsonl").write_text(json.dumps({"text": "def f(x):\n    return x\n"}))
+    prepare_corpus(DataConfig(path=str(source / "data"), sources=[str(source / "a.jsonl")],
+                              tokenizer=str(source / "tok"), val_fraction=0.0, min_chars=1, num_workers=1), seed=0)
+    out = hf.save_pretrained(hf.from_pretrained(str(source / "hf")), str(source / "out"), tokenizer=str(source / "data"))
+    assert (source / "out" / "tokenizer.json").is_file()
+    assert transformers.AutoTokenizer.from_pretrained(out)("x")["input_ids"][0] == 0

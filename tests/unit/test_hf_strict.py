@@ -94,3 +94,18 @@ def test_cli_override_conflict_refused(tmp_path):
     cfg = hf.model_config_from_hf(path, explicit={"rope_theta": 500000.0, "dropout": 0.1},
                                   base=ModelConfig(dropout=0.1))
     assert cfg.rope_theta == 500000.0 and cfg.dropout == 0.1  # an agreeing or non-architecture override is kept
+
+
+def test_published_qwen25_style_fields_accepted(tmp_path):
+    """Fields Qwen2.5's config.json carries (use_mrope=false, an unused sliding_window, max_window_layers) load;
+    use_mrope=true is refused."""
+    ref = tiny("qwen2")
+    ref.save_pretrained(tmp_path / "hf")
+    _edit(tmp_path / "hf", use_mrope=False, sliding_window=131072, max_window_layers=21, use_sliding_window=False,
+          eos_token_id=[1, 2])
+    model = hf.from_pretrained(str(tmp_path / "hf"))
+    assert model.cfg.sliding_window is None and model.cfg.hf_special["eos"] == [1, 2]
+    assert max_diff(model, ref) <= 1e-4
+    _edit(tmp_path / "hf", use_mrope=True)
+    with pytest.raises(CheckpointError, match="use_mrope=True"):
+        hf.from_pretrained(str(tmp_path / "hf"))
