@@ -38,6 +38,8 @@ class Trainer:
         self.cfg = cfg
         # Check the layout against the launcher's world size before any process group exists: a bad
         # layout fails on every rank at once with the same one-line reason, not as a collective hang.
+        from megatrain.dist.env import slurm_env
+        os.environ.update(slurm_env(dict(os.environ)))  # an srun task knows its world from SLURM_* only
         launched_world = int(os.environ.get("WORLD_SIZE", "1"))
         resolve_layout(cfg, launched_world)
         if cfg.plan.gpu_memory_gib:  # likewise a layout predicted not to fit: refused before any GPU is touched
