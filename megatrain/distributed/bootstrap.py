@@ -27,6 +27,10 @@ def bootstrap(cfg: Config, local_rank: int | None = None, *,
     """Check, then create the process groups of ``cfg``'s layout: the config's own preflight (WORLD_SIZE, kernels
     on this machine, output dirs, layout, merged DeepSpeed config), then ``preflight(cfg, world_size)`` if given,
     which raises a UserError to refuse the run (launchers pass the memory planner's check)."""
+    import os
+
+    from megatrain.distributed.env import slurm_env
+    os.environ.update(slurm_env(dict(os.environ)))  # srun sets no WORLD_SIZE; the checks below read it
     world = config_preflight(cfg)
     if preflight is not None:
         preflight(cfg, world)
