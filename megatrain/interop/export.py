@@ -17,6 +17,7 @@ import torch
 
 from megatrain.config.schema import ModelConfig
 from megatrain.errors import CheckpointError
+from megatrain.fsutil import fsync_dir
 from megatrain.interop.hf_maps import hf_config_from_model, to_hf_state
 
 SHARD_BYTES = 2 * 1024**3  # split exported weights into files of at most this size, like transformers
@@ -137,7 +138,7 @@ def save_state_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, path
         os.replace(tmp, path)
     else:
         _replace_model_files(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     return path
 
 
@@ -152,12 +153,4 @@ def _replace_model_files(tmp: str, path: str) -> None:
         if fname not in new and any(fnmatch.fnmatch(fname, p) for p in MODEL_FILES):
             os.remove(os.path.join(path, fname))
     os.rmdir(tmp)
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path)

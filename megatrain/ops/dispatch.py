@@ -99,25 +99,17 @@ def explain(op: str, device: torch.device | str = "cpu", *, dtype=None, shape: d
         if torch.device(device).type != "cuda":
             return Choice("torch", f"{torch.device(device).type} tensors run the torch path")
         return policy.resolve_auto(op, available, dtype=dtype, shape=shape)
-    return Choice(backend_for(op, device, dtype=dtype, shape=shape, policy=policy),
-                  f"model.kernels / kernel_overrides = {wanted}")
-
-
-def backend_for(op: str, device: torch.device | str = "cpu", *, dtype=None, shape: dict | None = None,
-                policy: KernelPolicy | None = None) -> str:
-    policy = policy or _CONFIG
-    wanted = policy.wanted(op)
-    available = available_backends(op, device)
-    if wanted == "auto":
-        if torch.device(device).type != "cuda":
-            return "torch"
-        return policy.resolve_auto(op, available, dtype=dtype, shape=shape).backend
     if wanted not in available:
         raise UserError(
             f"model.kernels: backend {wanted!r} for op {op!r} is not available on {torch.device(device)} "
             f"(available: {', '.join(available)}); use model.kernels=auto or torch"
         )
-    return wanted
+    return Choice(wanted, f"model.kernels / kernel_overrides = {wanted}")
+
+
+def backend_for(op: str, device: torch.device | str = "cpu", *, dtype=None, shape: dict | None = None,
+                policy: KernelPolicy | None = None) -> str:
+    return explain(op, device, dtype=dtype, shape=shape, policy=policy).backend
 
 
 def provider(op: str, backend: str):
