@@ -29,8 +29,8 @@ def bootstrap(cfg: Config, local_rank: int | None = None, *,
     which raises a UserError to refuse the run (launchers pass the memory planner's check)."""
     import os
 
-    from megatrain.distributed.env import slurm_env
-    os.environ.update(slurm_env(dict(os.environ)))  # srun sets no WORLD_SIZE; the checks below read it
+    from megatrain.distributed.env import launcher_env
+    os.environ.update(launcher_env(dict(os.environ)))  # srun / mpirun set no WORLD_SIZE; the checks below read it
     world = config_preflight(cfg)
     if preflight is not None:
         preflight(cfg, world)

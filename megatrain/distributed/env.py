@@ -95,6 +95,44 @@ def slurm_env(environ: dict) -> dict[str, str]:
             "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)}
 
 
+# (rank, size, local rank, local size) as MPI launchers export them: Open MPI, then MPICH / Intel MPI (PMI).
+_MPI_KEYS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+             ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"))
+
+
+def mpi_env(environ: dict) -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_* from an MPI launch (`mpirun`, also what `accelerate launch --cpu` with an
+    ``--mpirun_hostfile`` runs); {} otherwise. MASTER_ADDR/PORT must come from the launcher (accelerate sets them)."""
+    if "RANK" in environ:
+        return {}
+    for rank, size, local_rank, local_size in _MPI_KEYS:
+        if rank in environ and size in environ:
+            return {"RANK": environ[rank], "WORLD_SIZE": environ[size], "LOCAL_RANK": environ.get(local_rank, "0"),
+                    "LOCAL_WORLD_SIZE": environ.get(local_size, "1"),
+                    "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
+                    "MASTER_PORT": environ.get("MASTER_PORT", "29500")}
+    return {}
+
+
+def check_accelerate(environ: dict) -> None:
+    """``accelerate launch`` runs megatrain like torchrun (GPUs) or as one process (``--cpu`` without an MPI
+    hostfile); its DeepSpeed plugin would configure a second DeepSpeed, so it is refused in one line."""
+    from megatrain.errors import ConfigError
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ConfigError("accelerate launch --use_deepspeed: accelerate's DeepSpeed plugin settings are not read, "
+                          "megatrain configures DeepSpeed from the recipe (parallel.zero_stage, train.precision, "
+                          "train.deepspeed_config); launch without --use_deepspeed")
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ConfigError("accelerate launch --use_fsdp: megatrain shards with DeepSpeed ZeRO (parallel.zero_stage); "
+                          "launch without --use_fsdp")
+
+
+def launcher_env(environ: dict) -> dict[str, str]:
+    """The RANK/WORLD_SIZE/MASTER_* a launcher that does not export them implies (Slurm srun, MPI)."""
+    check_accelerate(environ)
+    return slurm_env(environ) or mpi_env(environ)
+
+
 def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed; returns (rank, world_size, local_rank).
 
@@ -108,7 +146,7 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
 
     # DeepSpeed's ZeRO calls a collective torch has renamed; the warning repeats every step on every rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-    os.environ.update(slurm_env(dict(os.environ)))  # srun: one task per rank, no launcher in between
+    os.environ.update(launcher_env(dict(os.environ)))  # srun / mpirun: one task per rank, no RANK exported
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))

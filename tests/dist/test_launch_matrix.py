@@ -91,3 +91,16 @@ def test_a_killed_rank_stops_the_launcher(tiny_corpus, tmp_path, launcher):
             os.killpg(proc.pid, 9)
     assert code != 0
     assert took < 45, f"{launcher} took {took:.1f}s to notice the dead rank"
+
+
+
+def test_accelerate_launch_cpu(tiny_corpus, tmp_path):
+    """`accelerate launch --cpu` runs the script once (accelerate starts several CPU processes only through an MPI
+    hostfile, whose environment megatrain maps like srun's: tests/unit/test_slurm_env.py); it trains as one rank."""
+    pytest.importorskip("accelerate")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "launch/pretrain.py", *tiny_overrides(tiny_corpus, tmp_path / "run", **{"train.max_steps": 3})]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert steps(tmp_path / "run") == [1, 2, 3] and "world=1" in r.stdout

@@ -1,4 +1,7 @@
-"""Slurm `srun` launches: the SLURM_* environment of a job step becomes RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*."""
+"""Launchers that export no RANK: a Slurm `srun` job step and MPI (SLURM_* / OMPI_* / PMI_* become RANK/WORLD_SIZE/
+LOCAL_RANK/MASTER_*), and accelerate's plugins that would configure a second DeepSpeed (refused)."""
+import pytest
+
 from megatrain.distributed.env import first_host, slurm_env
 
 STEP = {"SLURM_JOB_ID": "123456", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8",
@@ -27,3 +30,24 @@ def test_first_host_of_node_lists():
     assert first_host("gpu[03-04,09],cpu1") == "gpu03"
     assert first_host("a1,b[2-3]") == "a1"
     assert first_host("rack[9,10-12]") == "rack9"
+
+
+def test_mpi_environment_is_mapped():
+    from megatrain.distributed.env import mpi_env
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29511"}
+    assert mpi_env(env) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                            "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29511"}
+    assert mpi_env({"PMI_RANK": "0", "PMI_SIZE": "2"})["WORLD_SIZE"] == "2"
+    assert mpi_env({**env, "RANK": "0"}) == {}  # a launcher that exports RANK wins
+    assert mpi_env({}) == {}
+
+
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_accelerate_plugins_are_refused_in_one_line(flag):
+    from megatrain.distributed.env import launcher_env
+    from megatrain.errors import ConfigError
+    with pytest.raises(ConfigError) as err:
+        launcher_env({flag: "true"})
+    assert "\n" not in str(err.value) and "accelerate launch" in str(err.value)
+    assert launcher_env({flag: "false"}) == {}
