@@ -185,7 +185,7 @@ def _check_rope_scaling(arch: str, scaling: dict) -> None:
         raise ValueError(f"model.rope_scaling is set but model.arch={arch} has no RoPE (only llama); remove it")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ROPE_TYPES:
-        raise ValueError(f"model.rope_scaling: type {kind!r} is not supported; use one of {', '.join(ROPE_TYPES)}")
+        raise ValueError(f"model.rope_scaling: rope_type {kind!r} is not supported; use one of {', '.join(ROPE_TYPES)}")
     need = {"default": (), "linear": ("factor",),
             "llama3": ("factor", "original_max_position_embeddings"),
             "yarn": ("factor", "original_max_position_embeddings")}[kind]
