@@ -1,41 +1,6 @@
 """megatrain: a thin orchestration layer over DeepSpeed and PyTorch.
 
-Importing the package picks DeepSpeed's accelerator before deepspeed itself is imported: without CUDA,
-``DS_ACCELERATOR=cpu`` (gloo backend) so the same entry points run on a laptop, in CI and on a cluster.
-It also pins the toolchain of JIT-built ops (``pin_jit_toolchain``) before anything can build one.
+Importing it changes nothing in the process: the accelerator choice and the JIT toolchain are set where a process
+starts training or builds an op (``megatrain.toolchain.prepare_process``).
 """
-import os
-import sys
-
 __version__ = "0.1.0"
-
-
-def _select_accelerator() -> None:
-    if "DS_ACCELERATOR" in os.environ:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-
-
-def pin_jit_toolchain() -> None:
-    """One ninja and one build cache for every JIT build (DeepSpeed's shm comm op, megatrain's C++ AdamW).
-
-    torch runs whichever ``ninja`` is first on PATH. An activated venv finds the venv's (1.13 here), a
-    ``.venv/bin/python`` run or the deepspeed launcher's ranks find the system's (1.11); each reads the
-    other's ``.ninja_log`` as "command line changed" and recompiles: 26–50 s startups instead of ~4 s.
-    So when this interpreter's own bin/ holds a ninja, it goes first on PATH (children inherit it), and in
-    a venv the cache defaults to ``<venv>/torch_extensions`` (what the Makefile exports) unless the user set
-    TORCH_EXTENSIONS_DIR."""
-    bindir = os.path.dirname(os.path.abspath(sys.executable))
-    if os.access(os.path.join(bindir, "ninja"), os.X_OK):
-        path = os.environ.get("PATH", "").split(os.pathsep)
-        if path[0] != bindir:
-            os.environ["PATH"] = os.pathsep.join([bindir, *[p for p in path if p and p != bindir]])
-    if sys.prefix != sys.base_prefix:
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-
-
-_select_accelerator()
-pin_jit_toolchain()

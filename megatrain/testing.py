@@ -45,7 +45,7 @@ def run_ranks(world_size: int, argv: list[str], *, timeout: float = 300, env: di
             penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
                     "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-            # DS_ACCELERATOR: set by megatrain when CUDA is absent
+            # DS_ACCELERATOR: set by megatrain.toolchain when CUDA is absent
             penv["PYTHONPATH"] = ROOT + os.pathsep + penv.get("PYTHONPATH", "")
             out = open(os.path.join(tmp, f"rank{rank}.out"), "w+")
             err = open(os.path.join(tmp, f"rank{rank}.err"), "w+")

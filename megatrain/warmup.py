@@ -3,17 +3,18 @@
 Otherwise the first training ranks all start the same compile at once and wait on one lock; a build
 killed half way would leave that lock behind and every later run waiting on it. Run it again any time:
 builds are cached, so it returns in seconds. Every build uses the ninja and cache that
-``megatrain.pin_jit_toolchain`` chose (printed first), so a later run from another shell finds them current."""
+``megatrain.toolchain.pin_jit_toolchain`` chose (printed first), so a later run from another shell finds them current."""
 from __future__ import annotations
 
 import os
 import shutil
 import time
 
-import megatrain  # noqa: F401  (chooses the DeepSpeed accelerator first)
+from megatrain.toolchain import prepare_process
 
 
 def main() -> None:
+    prepare_process()  # the DeepSpeed accelerator and the ninja/cache every later build uses
     t0 = time.perf_counter()
     print(f"warmup: ninja {shutil.which('ninja') or 'not found'}, cache "
           f"{os.environ.get('TORCH_EXTENSIONS_DIR') or '~/.cache/torch_extensions'}")

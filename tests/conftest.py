@@ -4,7 +4,9 @@ import sys
 
 import pytest
 
-import megatrain  # noqa: E402,F401  (sets DS_ACCELERATOR=cpu when CUDA is absent)
+from megatrain.toolchain import prepare_process  # noqa: E402
+
+prepare_process()  # DS_ACCELERATOR=cpu without CUDA and the venv's ninja, for in-process DeepSpeed and builds
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -141,6 +141,8 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
     import warnings
 
     set_rank_threads()
+    from megatrain.toolchain import prepare_process
+    prepare_process()  # before deepspeed is imported: it picks its accelerator then, and JIT-builds its comm op
 
     import deepspeed
 

@@ -201,6 +201,8 @@ def _find_lib(name: str) -> tuple[str | None, str]:
 
 def load(name: str, *, build: bool = True) -> bool:
     """Make ``torch.ops.<namespace>`` of extension ``name`` usable; False (with the reason kept) if not."""
+    from megatrain.toolchain import pin_jit_toolchain
+    pin_jit_toolchain()  # the venv's ninja and cache, whichever shell started this process
     with _LOCK:
         status = _status(name)
         if status.state == "loaded":

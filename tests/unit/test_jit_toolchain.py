@@ -16,7 +16,7 @@ needs_venv_ninja = pytest.mark.skipif(not os.access(VENV_NINJA, os.X_OK), reason
 def _run_in_megatrain(code: str, *, path: str, cwd: str = ROOT, extra_env: dict | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
     env.update(PATH=path, PYTHONPATH=ROOT, **(extra_env or {}))
-    proc = subprocess.run([sys.executable, "-c", "import megatrain\n" + code], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-c", "import megatrain.toolchain as t\nt.pin_jit_toolchain()\n" + code], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
