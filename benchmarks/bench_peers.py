@@ -95,16 +95,6 @@ def megatrain_step(trainer):
     return step
 
 
-def alternate(fns: dict, n: int) -> dict[str, list[float]]:
-    names, times = list(fns), {k: [] for k in fns}
-    for i in range(n):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def one_process(args, rest: list[str]) -> dict:
     """megatrain vs a torch loop on HF's GPT2 (alternating), both run from the HF Trainer's step callback."""
     import transformers
@@ -186,9 +176,9 @@ def _rank_ddp(args, rest: list[str]) -> None:
     rank_trainer = _RankSlice(zero1, torch.distributed.get_rank(), world, micro)
     fns = {"megatrain ZeRO-1": megatrain_step(zero1), "megatrain ZeRO-0": megatrain_step(zero0),
            "torch DDP, HF GPT2": torch_loop(cfg, ddp, rank_trainer, micro=micro)}
-    alternate(fns, 2)
+    common.alternate(fns, 2)
     load_before = common.load_averages()
-    times = alternate(fns, args.steps)
+    times = common.alternate(fns, args.steps)
     if torch.distributed.get_rank() == 0:
         print("RESULT " + json.dumps({"tokens_per_step": cfg.train.global_batch_size * cfg.seq_len, "world": world,
                                       "threads": torch.get_num_threads(), "step_s": times,

@@ -13,7 +13,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -57,17 +56,6 @@ def bare_loop(cfg, model, dataset, sampler, device):
     return step
 
 
-def alternate(fns: dict, n: int) -> dict[str, list[float]]:
-    """Seconds per step of each loop, one step of each in turn, the starting loop rotated every round."""
-    names, times = list(fns), {k: [] for k in fns}
-    for i in range(n):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="recipes/tiny_cpu_gpt.yaml")
@@ -94,9 +82,9 @@ def main():
         trainer.step += 1
         return cfg.train.global_batch_size * cfg.seq_len
 
-    alternate({"mega": mega, "bare": bare}, 2)  # warm-up: allocator, first-call overheads
+    common.alternate({"mega": mega, "bare": bare}, 2)  # warm-up: allocator, first-call overheads
     load_before = common.load_averages()
-    times = alternate({"mega": mega, "bare": bare}, args.steps)
+    times = common.alternate({"mega": mega, "bare": bare}, args.steps)
     tokens = cfg.train.global_batch_size * cfg.seq_len
     mega_s, bare_s = common.spread(times["mega"]), common.spread(times["bare"])
     print(f"\nmodel {cfg.model.arch} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "

@@ -371,3 +371,14 @@ def spread(samples: list[float]) -> dict:
 
 def fmt_spread(s: dict, scale: float = 1.0, fmt: str = "{:.0f}") -> str:
     return f"{fmt.format(s['median'] * scale)} [{fmt.format(s['min'] * scale)}, {fmt.format(s['max'] * scale)}]"
+
+
+def alternate(fns: dict, n: int) -> dict[str, list[float]]:
+    """Seconds per step of each loop, one step of each in turn, the starting loop rotated every round."""
+    names, times = list(fns), {k: [] for k in fns}
+    for i in range(n):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
