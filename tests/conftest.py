@@ -68,3 +68,20 @@ def assert_same_trained_weights(got: dict, ref: dict, *, lr: float) -> None:
     assert got.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=0.02 * lr, msg=k)
+
+
+# What init_distributed exports for a plain one-process run (RANK=0, WORLD_SIZE=1, MASTER_PORT of the group it
+# made). Left in the test process, every launcher a later test spawns would inherit it, believe it is rank 0 of a
+# launched group and try to listen on that port again (EADDRINUSE). The group itself stays: it is reused.
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def _launch_environment_stays_with_its_test():
+    before = {k: os.environ.get(k) for k in _LAUNCH_VARS}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -78,13 +78,14 @@ def reload_checkpoint(engine, dims, step_dir: str, model_cfg):
     opened checkpoint. ZeRO-3 holds parameters only as partitions and is refused by the trainer beforehand."""
     from megatrain.checkpoint.engine_state import load_optimizer_state, local_parameters
     from megatrain.checkpoint.layout_free import open_resume
+    from megatrain.parallelize.param_spec import logical_name
     from megatrain.parallelize.shards import local_shape, shard_of
 
     res = open_resume(step_dir, model_cfg)
     tp_rank, tp = (dims.tp_rank, dims.tp) if dims is not None else (0, 1)
     with torch.no_grad():
         for p in local_parameters(engine.module):
-            value = shard_of(res.model.tensor(p.logical_name).float(), p, tp_rank, tp).reshape(local_shape(p))
+            value = shard_of(res.model.tensor(logical_name(p)).float(), p, tp_rank, tp).reshape(local_shape(p))
             p.data.copy_(value.to(p.device, p.dtype))
     if res.manifest.get("has_optimizer", True):
         load_optimizer_state(engine, dims, res, step=int(res.manifest["optimizer_step"]))
