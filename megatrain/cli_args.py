@@ -66,6 +66,11 @@ def _train(cfg: Config, local_rank: int | None):
         raise
     shutdown_distributed()
     if trainer.preempted:
+        # The checkpoint is saved and fsynced and the logs are closed. Leave without interpreter teardown: a gloo
+        # rank can still abort there (-6, "terminate called without an active exception") and hide the 75.
+        import os
         from megatrain.train.preemption import EXIT_PREEMPTED
-        raise SystemExit(EXIT_PREEMPTED)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_PREEMPTED)
     return result
