@@ -13,7 +13,6 @@ the ratios and the load averages; writes JSON to benchmarks/results/bench_peers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -49,45 +48,6 @@ def hf_model(cfg):
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**fields, bos_token_id=0, eos_token_id=0))
 
 
-def _optimizer(cfg, model):
-    from megatrain.ops import make_adamw
-    from megatrain.train.regularization import param_groups
-    from megatrain.train.schedules import lr_multiplier
-    t = cfg.train
-    opt = make_adamw(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                     weight_decay=t.weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(t))
-
-
-def torch_loop(cfg, model, trainer, *, micro: int):
-    """forward, CE, backward over the micro batches of one step, clip, AdamW, scheduler: a hand-written loop.
-
-    ``micro`` is this rank's micro batch count per step; batches are the megatrain Trainer's own."""
-    opt, sched = _optimizer(cfg, model)
-    t = cfg.train
-    state = {"step": 0}
-
-    def step():
-        idx = trainer.sampler.indices_for_step(state["step"])
-        for m in range(micro):
-            items = [trainer.train_data[i] for i in idx[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]]
-            x = torch.stack([it["input_ids"] for it in items])  # (B, T)
-            y = torch.stack([it["labels"] for it in items])  # (B, T)
-            # DDP: one all-reduce per optimizer step, as DeepSpeed does at the accumulation boundary
-            sync = m == micro - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                logits = model(x).logits  # (B, T, V)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)) / micro
-                loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        state["step"] += 1
-
-    return step
-
-
 def megatrain_step(trainer):
     def step():
         trainer.train_step()
@@ -107,7 +67,8 @@ def one_process(args, rest: list[str]) -> dict:
     t = cfg.train
     accum = t.global_batch_size // t.micro_batch_size
     others = {"megatrain Trainer": megatrain_step(trainer),
-              "torch loop, HF GPT2": torch_loop(cfg, hf_model(cfg), trainer, micro=accum)}
+              "torch loop, HF GPT2": common.hand_loop(cfg, hf_model(cfg), trainer.train_data, trainer.sampler, micro=accum,
+                                                         logits=lambda out: out.logits)}
     times = {"HF Trainer, HF GPT2": [], **{k: [] for k in others}}
     warmup = 2
 
@@ -148,7 +109,7 @@ def one_process(args, rest: list[str]) -> dict:
         return total / num_items_in_batch
 
     model = hf_model(cfg)
-    opt, sched = _optimizer(cfg, model)
+    opt, sched = common.trainer_optimizer(cfg, model)
     targs = transformers.TrainingArguments(
         output_dir=os.path.join(args.workdir, "hf"), per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=accum, max_grad_norm=t.grad_clip, max_steps=args.steps + warmup,
@@ -175,7 +136,8 @@ def _rank_ddp(args, rest: list[str]) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(hf_model(cfg))
     rank_trainer = _RankSlice(zero1, torch.distributed.get_rank(), world, micro)
     fns = {"megatrain ZeRO-1": megatrain_step(zero1), "megatrain ZeRO-0": megatrain_step(zero0),
-           "torch DDP, HF GPT2": torch_loop(cfg, ddp, rank_trainer, micro=micro)}
+           "torch DDP, HF GPT2": common.hand_loop(cfg, ddp, rank_trainer.train_data, rank_trainer.sampler, micro=micro,
+                                                  logits=lambda out: out.logits)}
     common.alternate(fns, 2)
     load_before = common.load_averages()
     times = common.alternate(fns, args.steps)

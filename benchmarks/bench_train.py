@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,38 +21,6 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 from megatrain.config import load_config  # noqa: E402
-
-
-def bare_loop(cfg, model, dataset, sampler, device):
-    """The loop a user would write by hand: forward, CE, backward, clip, AdamW, scheduler."""
-    from megatrain.ops import make_adamw
-    from megatrain.train.regularization import param_groups
-    from megatrain.train.schedules import lr_multiplier
-    t = cfg.train
-    # the optimizer the Trainer builds (not torch's per-tensor AdamW: that flattered megatrain by 2-5%)
-    opt = make_adamw(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                     weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(t))
-    accum = t.global_batch_size // t.micro_batch_size
-    state = {"step": 0}
-
-    def step():
-        idx = sampler.indices_for_step(state["step"])
-        for m in range(accum):
-            items = [dataset[i] for i in idx[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]]
-            x = torch.stack([it["input_ids"] for it in items]).to(device)
-            y = torch.stack([it["labels"] for it in items]).to(device)
-            logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)) / accum
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        state["step"] += 1
-        return accum * t.micro_batch_size * x.shape[1]
-
-    return step
 
 
 def main():
@@ -74,8 +41,8 @@ def main():
     from megatrain.models.transformer import build_transformer
     model = build_transformer(cfg.model, seed=cfg.train.seed).to(trainer.device)  # same init as the Trainer's
     ds = trainer.train_data
-    bare = bare_loop(cfg, model, ds, GlobalBatchSampler(len(ds), cfg.train.global_batch_size, cfg.train.seed),
-                     trainer.device)
+    bare = common.hand_loop(cfg, model, ds, GlobalBatchSampler(len(ds), cfg.train.global_batch_size, cfg.train.seed),
+                            micro=cfg.train.global_batch_size // cfg.train.micro_batch_size, device=trainer.device)
 
     def mega():
         trainer.train_step()

@@ -382,3 +382,52 @@ def alternate(fns: dict, n: int) -> dict[str, list[float]]:
             fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def trainer_optimizer(cfg, model):
+    """(AdamW, LR schedule) as the megatrain Trainer builds them, for a baseline loop over ``model``."""
+    import torch
+
+    from megatrain.ops import make_adamw
+    from megatrain.train.regularization import param_groups
+    from megatrain.train.schedules import lr_multiplier
+    t = cfg.train
+    opt = make_adamw(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                     weight_decay=t.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(t))
+
+
+def hand_loop(cfg, model, dataset, sampler, *, micro: int, device="cpu", logits=lambda out: out):
+    """The loop a user would write by hand, as one step function: forward, CE, backward over ``micro`` micro
+    batches, clip, AdamW, scheduler. Batches are ``sampler``'s over ``dataset`` (the Trainer's own); the optimizer is
+    the one the Trainer builds (torch's per-tensor AdamW flattered megatrain by 2-5%). ``logits`` reads them from
+    the model's output (HF models return an object). A DDP model all-reduces once per step (``no_sync`` before),
+    as DeepSpeed does at the accumulation boundary. Returns tokens per step."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    t = cfg.train
+    opt, sched = trainer_optimizer(cfg, model)
+    state = {"step": 0}
+
+    def step() -> int:
+        idx = sampler.indices_for_step(state["step"])
+        for m in range(micro):
+            items = [dataset[i] for i in idx[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]]
+            x = torch.stack([it["input_ids"] for it in items]).to(device)  # (B, T)
+            y = torch.stack([it["labels"] for it in items]).to(device)  # (B, T)
+            sync = m == micro - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                out = logits(model(x))  # (B, T, V)
+                loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)) / micro
+                loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        state["step"] += 1
+        return micro * t.micro_batch_size * x.shape[1]
+
+    return step
