@@ -49,8 +49,9 @@ class RunGuards:
         self._guard = guard_optimizer(inner_optimizer(engine))
 
     def fold(self, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        totals[NONFINITE] = torch.tensor(local_nonfinite(totals, self._guard))
-        totals[PREEMPT] = torch.tensor(1.0 if self.preemption.requested else 0.0)
+        flag = local_nonfinite(totals, self._guard)  # on the statistics' device: they are reduced in one tensor
+        totals[NONFINITE] = flag
+        totals[PREEMPT] = torch.full_like(flag, 1.0 if self.preemption.requested else 0.0)
         return totals
 
     def unfold(self, totals: dict[str, torch.Tensor], *, spans_world: bool) -> dict[str, torch.Tensor]:

@@ -39,11 +39,15 @@ def guard_optimizer(inner: torch.optim.Optimizer) -> dict:
     return state
 
 
-def local_nonfinite(stats: dict[str, torch.Tensor], guard: dict) -> float:
-    """1.0 if this rank saw a non-finite statistic or skipped its optimizer step in this step."""
-    bad = guard["skipped"] > 0 or any(not bool(torch.isfinite(v).all()) for v in stats.values())
+def local_nonfinite(stats: dict[str, torch.Tensor], guard: dict) -> torch.Tensor:
+    """> 0 if this rank saw a non-finite statistic or skipped its optimizer step in this step: a 0-dim tensor on the
+    statistics' device, computed without a host sync (the step's one sync is the statistics reduction)."""
+    device = next(iter(stats.values())).device
+    bad = torch.tensor(float(guard["skipped"] > 0), device=device)
+    for v in stats.values():
+        bad = bad + (~torch.isfinite(v)).any().float()
     guard["skipped"] = 0
-    return 1.0 if bad else 0.0
+    return bad
 
 
 class NonFinitePolicy:

@@ -164,3 +164,17 @@ def test_trainer_reduce_is_one_collective_then_one_host_copy(monkeypatch):
     assert calls == [torch.float64]  # one packed fp64 collective
     assert out["loss_sum"].item() == 6.0 and out["count"].tolist() == [4.0, 10.0]
     assert all(v.device.type == "cpu" for v in out.values())
+
+
+def test_nonfinite_flag_stays_on_the_statistics_device():
+    """The per-step non-finite flag is computed where the statistics are, without a host sync: on meta tensors any
+    bool() would raise. It travels in the same reduction as the statistics (one tensor, one device)."""
+    from megatrain.train.nonfinite import local_nonfinite
+    meta = {"loss_sum": torch.empty((), device="meta"), "count": torch.empty((), device="meta")}
+    flag = local_nonfinite(meta, {"skipped": 0})
+    assert flag.device.type == "meta" and flag.shape == ()
+    ok = {"loss_sum": torch.tensor(3.0), "count": torch.tensor(2.0)}
+    assert float(local_nonfinite(ok, {"skipped": 0})) == 0
+    assert float(local_nonfinite({**ok, "loss_sum": torch.tensor(float("nan"))}, {"skipped": 0})) > 0
+    guard = {"skipped": 1}
+    assert float(local_nonfinite(ok, guard)) > 0 and guard["skipped"] == 0
