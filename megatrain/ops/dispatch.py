@@ -109,6 +109,10 @@ def explain(op: str, device: torch.device | str = "cpu", *, dtype=None, shape: d
 
 def backend_for(op: str, device: torch.device | str = "cpu", *, dtype=None, shape: dict | None = None,
                 policy: KernelPolicy | None = None) -> str:
+    """``explain``'s backend; called on every op of every forward, so the common answer skips building a reason."""
+    policy = policy or _CONFIG
+    if policy.wanted(op) == "auto" and torch.device(device).type != "cuda":
+        return "torch"
     return explain(op, device, dtype=dtype, shape=shape, policy=policy).backend
 
 
