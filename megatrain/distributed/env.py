@@ -79,6 +79,20 @@ def first_host(nodelist: str) -> str:
     return prefix + rest.split(",", 1)[0].split("-", 1)[0].rstrip("]")
 
 
+def _env_int(environ: dict, key: str, default: str | None = None) -> int:
+    """A launcher's integer variable, or one line naming it (a broken job environment is not a traceback)."""
+    from megatrain.errors import ConfigError
+    raw = environ.get(key, default)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"environment {key}={raw!r} is not an integer; the launcher sets it — unset it or fix the "
+                          "job script") from None
+    if value < 0:
+        raise ConfigError(f"environment {key}={value} is negative; the launcher sets it — unset it or fix the job script")
+    return value
+
+
 def slurm_env(environ: dict) -> dict[str, str]:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from a Slurm job step (`srun python launch/pretrain.py ...`, one task per
     rank); {} outside a job step. A batch script or salloc shell has no SLURM_STEP_NUM_TASKS, so a plain `python`
@@ -86,8 +100,11 @@ def slurm_env(environ: dict) -> dict[str, str]:
     if "RANK" in environ or "SLURM_PROCID" not in environ or "SLURM_STEP_NUM_TASKS" not in environ:
         return {}
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-    num_nodes = max(1, int(environ.get("SLURM_STEP_NUM_NODES", environ.get("SLURM_NNODES", "1"))))
-    world = int(environ["SLURM_STEP_NUM_TASKS"])
+    nodes_key = "SLURM_STEP_NUM_NODES" if "SLURM_STEP_NUM_NODES" in environ else "SLURM_NNODES"
+    num_nodes = max(1, _env_int(environ, nodes_key, "1"))
+    world = _env_int(environ, "SLURM_STEP_NUM_TASKS")
+    for key in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_ID"):
+        _env_int(environ, key, "0")
     return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(world),
             "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
             "LOCAL_WORLD_SIZE": str(max(1, world // num_nodes)),
@@ -107,6 +124,8 @@ def mpi_env(environ: dict) -> dict[str, str]:
         return {}
     for rank, size, local_rank, local_size in _MPI_KEYS:
         if rank in environ and size in environ:
+            for key in (rank, size, local_rank, local_size):
+                _env_int(environ, key, "0")
             return {"RANK": environ[rank], "WORLD_SIZE": environ[size], "LOCAL_RANK": environ.get(local_rank, "0"),
                     "LOCAL_WORLD_SIZE": environ.get(local_size, "1"),
                     "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),

@@ -51,3 +51,15 @@ def test_accelerate_plugins_are_refused_in_one_line(flag):
         launcher_env({flag: "true"})
     assert "\n" not in str(err.value) and "accelerate launch" in str(err.value)
     assert launcher_env({flag: "false"}) == {}
+
+
+@pytest.mark.parametrize("env", [
+    {**STEP, "SLURM_STEP_NUM_TASKS": "eight"}, {**STEP, "SLURM_PROCID": ""}, {**STEP, "SLURM_STEP_NUM_NODES": "-2"},
+    {"OMPI_COMM_WORLD_RANK": "x", "OMPI_COMM_WORLD_SIZE": "2"}, {"PMI_RANK": "0", "PMI_SIZE": "two"},
+])
+def test_a_broken_launcher_environment_is_one_line(env):
+    from megatrain.distributed.env import launcher_env
+    from megatrain.errors import ConfigError
+    with pytest.raises(ConfigError) as err:
+        launcher_env(env)
+    assert "\n" not in str(err.value) and str(err.value).startswith("environment ")
