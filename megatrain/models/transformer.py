@@ -46,16 +46,22 @@ class Norm(nn.Module):
 class Rotary(nn.Module):
     """RoPE cos/sin table, built lazily per (length, device) so meta-device construction stays cheap."""
 
-    def __init__(self, head_dim: int, *, theta: float, scaling: dict | None):
+    def __init__(self, head_dim: int, *, theta: float, scaling: dict | None, max_positions: int):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.max_positions = max_positions  # gathered positions index a table this long: no host read of max()
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
-            cos, sin = ops.rope_cache(seq_len, self.head_dim, theta=self.theta, scaling=self.scaling, device=device)
-            self._cache = (seq_len, device, cos, sin)
-        return self._cache[2][:seq_len], self._cache[3][:seq_len]  # (T, D) each
+    def forward(self, seq_len: int, device: torch.device,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, D) for positions 0..T-1, or (B, 1, T, D) gathered at ``positions`` (B, T)."""
+        need = seq_len if positions is None else max(seq_len, self.max_positions)
+        if self._cache is None or self._cache[0] < need or self._cache[1] != device:
+            cos, sin = ops.rope_cache(need, self.head_dim, theta=self.theta, scaling=self.scaling, device=device)
+            self._cache = (need, device, cos, sin)
+        if positions is None:
+            return self._cache[2][:seq_len], self._cache[3][:seq_len]  # (T, D) each
+        return self._cache[2][positions].unsqueeze(1), self._cache[3][positions].unsqueeze(1)  # (B, 1, T, D)
 
 
 class Attention(nn.Module):
@@ -73,9 +79,14 @@ class Attention(nn.Module):
         # one (D,) weight shared by all heads, so a tp shard of the heads keeps it whole
         self.q_norm = Norm(d, kind="rms", eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = Norm(d, kind="rms", eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.rotary = Rotary(d, theta=cfg.rope_theta, scaling=cfg.rope_scaling) if cfg.arch == "llama" else None
+        self.rotary = Rotary(d, theta=cfg.rope_theta, scaling=cfg.rope_scaling,
+                             max_positions=cfg.max_seq_len) if cfg.arch == "llama" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:
+        """x: (B, T, H). ``positions`` (B, T): RoPE position of each token (None = 0..T-1, or after the cache).
+        ``segments`` (B, T): document id of each token; a token attends only within its document (packing).
+        ``cache``: this layer's ``LayerCache`` (megatrain.models.kv_cache); keys/values are appended to it."""
         d = self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         b, t = q.shape[:2]  # T from the projection: sequence parallel hands in a sequence shard
@@ -85,9 +96,16 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over D, per head
         if self.rotary is not None:
-            cos, sin = self.rotary(t, x.device)
+            cos, sin = self.rotary(t, x.device, positions)
             q, k = self.kernels.apply_rope(q, k, cos, sin)
-        y = self.kernels.attention(q, k, v, causal=True, window=self.window)  # (B, Hq, T, D)
+        masks = {}
+        if cache is not None:
+            masks["q_offset"] = cache.owner.length  # these queries follow the cached keys
+            k, v = cache.append(k, v)  # (B, Hkv, S, D): everything cached so far, these tokens last
+            masks["key_segments"] = cache.owner.key_segments(segments)
+        if segments is not None:
+            masks["segments"] = segments
+        y = self.kernels.attention(q, k, v, causal=True, window=self.window, **masks)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, H)
 
 
@@ -127,8 +145,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H)
-        x = x + self.dropout(self.attn(self.attn_norm(x)))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:  # (B, T, H); the extras as in Attention.forward
+        x = x + self.dropout(self.attn(self.attn_norm(x), positions, segments, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -139,17 +158,19 @@ class Embedding(nn.Module):
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.arch == "gpt2" else None
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, H)
-        return self.add_positions(self.wte(input_ids))
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.add_positions(self.wte(input_ids), positions)  # (B, T) -> (B, T, H)
 
-    def add_positions(self, h: torch.Tensor) -> torch.Tensor:
-        """Token vectors (B, T, H) → block input: + learned positions (gpt2), dropout."""
+    def add_positions(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token vectors (B, T, H) → block input: + learned positions (gpt2), dropout.
+        ``positions`` (B, T): each token's position (packed documents restart at 0); None = 0..T-1."""
         if self.wpe is not None:
             t = h.shape[1]
-            if t > self.wpe.num_embeddings:
-                raise UserError(f"sequence length {t} exceeds model.max_seq_len="
+            last = t if positions is None else int(positions.max()) + 1
+            if last > self.wpe.num_embeddings:
+                raise UserError(f"position {last - 1} exceeds model.max_seq_len="
                                  f"{self.wpe.num_embeddings}; shorten inputs or raise max_seq_len")
-            h = h + self.wpe(torch.arange(t, device=h.device))
+            h = h + self.wpe(torch.arange(t, device=h.device) if positions is None else positions)
         return self.dropout(h)
 
 
@@ -179,12 +200,23 @@ class Transformer(nn.Module):
         if cfg.tied:
             self.head.lm_head.weight = self.embed.wte.weight
 
-    def forward(self, input_ids: torch.Tensor, *, return_hidden: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, cache=None, return_hidden: bool = False) -> torch.Tensor:
         """(B, T) -> logits (B, T, V); with ``return_hidden`` the final-normed states (B, T, H) that the LM
-        head would project (a fused linear + cross-entropy takes them with ``head.lm_head.weight``)."""
-        h = self.embed(input_ids)
-        for layer in self.layers:
-            h = layer(h)
+        head would project (a fused linear + cross-entropy takes them with ``head.lm_head.weight``).
+
+        ``positions`` / ``segments`` (B, T): packed documents (positions restart, attention stays inside a
+        document). ``cache``: a ``KVCache`` for incremental decoding; positions then default to following it."""
+        if cache is not None and positions is None:
+            positions = cache.positions_for(input_ids.shape[0], input_ids.shape[1], input_ids.device)
+        h = self.embed(input_ids, positions)
+        caches = cache.layers if cache is not None else [None] * len(self.layers)
+        extras = positions is not None or segments is not None or cache is not None
+        for layer, layer_cache in zip(self.layers, caches):
+            # plain calls stay positional-free so per-block transforms (checkpointing, hooks) see one argument
+            h = layer(h, positions, segments, layer_cache) if extras else layer(h)
+        if cache is not None:
+            cache.advance(input_ids.shape[1], cache.key_segments(segments))
         if return_hidden:
             return self.head.norm(h)
         return self.head(h)

@@ -28,8 +28,9 @@ class Kernels:
     def rms_norm(self, x, weight, eps=1e-6):
         return rms_norm(x, weight, eps, policy=self.policy)
 
-    def attention(self, q, k, v, causal=True, window=None):
-        return attention(q, k, v, causal, window, policy=self.policy)
+    def attention(self, q, k, v, causal=True, window=None, **masks):
+        """``masks``: ``segments`` / ``key_segments`` / ``q_offset`` (megatrain.ops.attention.attention)."""
+        return attention(q, k, v, causal, window, policy=self.policy, **masks)
 
     def apply_rope(self, q, k, cos, sin, *, inplace=False):
         return apply_rope(q, k, cos, sin, inplace=inplace, policy=self.policy)

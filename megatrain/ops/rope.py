@@ -86,7 +86,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    # q: (B, Hq, T, D), k: (B, Hkv, T, D), cos/sin: (T, D)
+    # q: (B, Hq, T, D), k: (B, Hkv, T, D), cos/sin: (T, D), or (B, 1, T, D) gathered at per-token positions
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
@@ -94,7 +94,10 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inplace: bool = False,
                policy=None):
     """Rotated (q, k). ``inplace=True`` lets the triton backend overwrite q and k (saves two activations);
-    other backends ignore it, so always use the returned tensors."""
+    other backends ignore it, so always use the returned tensors. Per-token tables (B, 1, T, D) (packed
+    documents, decoding after a cache) run the reference: the fused kernels index a (T, D) table."""
+    if cos.dim() != 2:
+        return apply_rope_reference(q, k, cos, sin)
     backend = backend_for("rope", q.device, dtype=q.dtype, shape={"head_dim": q.shape[-1]}, policy=policy)
     if backend == "triton":
         return provider("rope", backend)(q, k, cos, sin, inplace=inplace)
