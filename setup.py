@@ -45,7 +45,7 @@ setup(
         "tqdm",
         "scikit-learn",
     ],
-    extras_require={"dev": ["pytest", "ninja==1.13.2", "optuna", "accelerate"], "triton": ["triton"], "search": ["optuna"]},
+    extras_require={"dev": ["pytest", "ninja==1.13.2", "optuna", "accelerate", "peft"], "triton": ["triton"], "search": ["optuna"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["megatrain=megatrain.cli:main"]},
