@@ -182,27 +182,40 @@ def open_resume(step_dir: str, model_cfg, *, verify: bool = True) -> ResumeSourc
     """Verify and open a checkpoint for loading.
 
     One process: sizes and headers now, each tensor's crc32 while it is read (one pass over the files).
-    Several ranks: rank 0 streams every crc first and shares the verdict, so a corrupt file stops all ranks
-    at the same point instead of one rank failing mid-load while its peers wait in a collective."""
-    error = ""
+    Several ranks: the files are dealt out by size, each rank streams the crc of its share (every byte is
+    checksummed once in the job, not all of them on rank 0), and the verdicts are gathered before anyone
+    loads, so a corrupt file stops all ranks at the same point with the same line instead of one rank
+    failing mid-load while its peers wait in a collective."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            manifest = read_manifest(step_dir)
-            _check_model(manifest, model_cfg, step_dir)
-            if verify and world > 1:
-                for fname, entry in manifest["files"].items():
-                    verify_file(os.path.join(step_dir, fname), entry)
-        except CheckpointError as err:
-            error = str(err)
+    error = ""
+    try:
+        manifest = read_manifest(step_dir)
+        _check_model(manifest, model_cfg, step_dir)
+        if verify and world > 1:
+            for fname in verification_share(manifest, rank=dist.get_rank(), world=world):
+                verify_file(os.path.join(step_dir, fname), manifest["files"][fname])
+    except CheckpointError as err:
+        error = str(err)
     if world > 1:
-        error = hc.broadcast_object(error, src=0)
+        error = next((e for e in hc.all_gather_object(error) if e), "")  # the lowest failing rank's line
     if error:
         raise CheckpointError(error)
-    manifest = read_manifest(step_dir)
     in_read = verify and world == 1
     return ResumeSource(step_dir, manifest, CheckpointSource(step_dir, manifest, prefix="model", verify=in_read),
                         CheckpointSource(step_dir, manifest, prefix="optim", verify=in_read))
+
+
+def verification_share(manifest: dict, *, rank: int, world: int) -> list[str]:
+    """The files this rank checksums: largest first, each to the rank with the fewest bytes so far."""
+    load = [0] * world
+    mine = []
+    sizes = {f: int(e.get("bytes", 0)) for f, e in manifest["files"].items()}
+    for fname in sorted(sizes, key=lambda f: (-sizes[f], f)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += sizes[fname] or 1
+        if r == rank:
+            mine.append(fname)
+    return mine
 
 
 def load_model_state(path: str):
