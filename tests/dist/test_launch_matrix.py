@@ -104,3 +104,17 @@ def test_accelerate_launch_cpu(tiny_corpus, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert steps(tmp_path / "run") == [1, 2, 3] and "world=1" in r.stdout
+
+
+def test_accelerate_launch_two_processes_on_cpu(tiny_corpus, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs starts two ranks through torchrun,
+    and megatrain trains them over gloo like any torchrun launch (the way to get several CPU ranks from
+    accelerate without mpirun)."""
+    pytest.importorskip("accelerate")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()),
+           "launch/pretrain.py", *tiny_overrides(tiny_corpus, tmp_path / "run", **{"train.max_steps": 3})]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert steps(tmp_path / "run") == [1, 2, 3] and "world=2" in r.stdout and "dp=2" in r.stdout
