@@ -404,6 +404,34 @@ def test_unreadable_recipe_and_output_dir(tmp_path, capsys):
         check_output_dir("log.dir", str(locked / "run"))
 
 
+def test_permission_errors_are_one_line_for_root_too(tmp_path, capsys, monkeypatch):
+    """The same two cases where file modes cannot stop the user (root): the OS answers are simulated, so the
+    handling is exercised whoever runs the suite."""
+    import builtins
+    from megatrain.config.preflight import check_output_dir
+    path = tmp_path / "recipe.yaml"
+    path.write_text(GOOD)
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):
+        if os.fspath(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--config", str(path)], description="fuzz")
+    monkeypatch.setattr(builtins, "open", real_open)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "cannot be read (Permission denied)" in err[0], err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == str(locked) else real_access(p, mode))
+    with pytest.raises(UserError, match="log.dir=.*locked is not writable by this user; choose another log.dir"):
+        check_output_dir("log.dir", str(locked / "run"))
+
+
 def test_messages_name_the_field_or_file(tmp_path):
     """A sample of the lines, read for content: the field or file is named and a fix is given."""
     with pytest.raises(UserError, match=r"^train.lr: Input should be a finite number"):
