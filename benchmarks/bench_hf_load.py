@@ -151,7 +151,8 @@ def main():
               f"| {t['peak_rss_mb'] / 1024:.2f} |")
     result = {"benchmark": "bench_hf_load", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "size": {"hidden": a.hidden, "layers": a.layers, "vocab": a.vocab}, "machine": platform.machine(),
-              "cpu_count": os.cpu_count(), "torch": torch.__version__, "rows": rows}
+              "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(), "torch": torch.__version__,
+              "command": " ".join(["python", *sys.argv]), "rows": rows}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
