@@ -2,7 +2,8 @@
 heads: the k/v projections stay whole on both ranks (parallelize.tensor_parallel.ReplicatedKVProjection).
 
 - the first 3 losses equal the one-process run's (gradient clipping on: DeepSpeed's norm must count the
-  replicated k/v weights once), 2e-5 relative — the layout-parity tolerance;
+  replicated k/v weights once), 2e-5 relative — the layout-parity tolerance; so do all 5 under tp=2 with
+  ZeRO-3, tp=2 × pp=2, and tp=4 with sequence parallelism;
 - the tp=2 checkpoint resumes at tp=1 and steps 4–5 equal the uninterrupted run's (layout-free checkpoints see
   one full k/v tensor);
 - the Hugging Face export of the tp=2 run holds the checkpoint's tensors, with full-size k/v projections;
@@ -27,15 +28,19 @@ def _losses(log_dir) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def _run(corpus, log_dir, *, tp, **extra):
-    argv = tiny_overrides(corpus, log_dir, arch="llama", **KV3, **{"parallel.tp": tp}, **extra)
-    run_ranks(tp, ["launch/pretrain.py", *argv], timeout=600)
+def _run(corpus, log_dir, *, tp, pp=1, **extra):
+    argv = tiny_overrides(corpus, log_dir, arch="llama", **KV3, **{"parallel.tp": tp, "parallel.pp": pp}, **extra)
+    run_ranks(tp * pp, ["launch/pretrain.py", *argv], timeout=600)
     return _losses(log_dir)
 
 
-def test_kv3_at_tp2_matches_tp1_and_resumes_at_tp1(tiny_corpus, tmp_path):
+@pytest.fixture(scope="module")
+def ref(tiny_corpus, tmp_path_factory):
+    return _run(tiny_corpus, tmp_path_factory.mktemp("ref"), tp=1)
+
+
+def test_kv3_at_tp2_matches_tp1_and_resumes_at_tp1(tiny_corpus, tmp_path, ref):
     from megatrain.weights.sources import load_model_state
-    ref = _run(tiny_corpus, tmp_path / "ref", tp=1)
     src = _run(tiny_corpus, tmp_path / "src", tp=2, **{"train.max_steps": 3, "checkpoint.every": 3,
                                                         "checkpoint.export_hf": str(tmp_path / "export")})
     assert sorted(src) == [1, 2, 3]
@@ -53,6 +58,16 @@ def test_kv3_at_tp2_matches_tp1_and_resumes_at_tp1(tiny_corpus, tmp_path):
     assert saved.keys() == exported.keys()
     for name in saved:
         torch.testing.assert_close(exported[name], saved[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("tp, pp, extra", [(2, 1, {"parallel.zero_stage": 3}), (2, 2, {"parallel.zero_stage": 1}),
+                                           (4, 1, {"parallel.sequence_parallel": True})],
+                         ids=["tp2-zero3", "tp2pp2", "tp4-sp"])
+def test_kv3_under_other_layouts_matches_tp1(tiny_corpus, tmp_path, ref, tp, pp, extra):
+    got = _run(tiny_corpus, tmp_path, tp=tp, pp=pp, **extra)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=2e-5), (tp, pp, extra, step)
 
 
 def test_planner_counts_whole_kv_weights(tiny_corpus, tmp_path):
