@@ -7,7 +7,8 @@ rank's, and the sum over the 4 ranks).
     python benchmarks/bench_hf_load.py --hidden 512 --layers 4 --vocab 32000       # minutes on 2 cores
 
 megatrain keeps fp32 parameters (the training master copy) whatever the file's dtype; transformers keeps the
-file's dtype. The two loaders run alternately per family and dtype in one run, so their ratio is side by side.
+file's dtype, and may leave the weights memory-mapped (read from disk at first use): its "weights read" columns
+touch every parameter once after from_pretrained, so those include reading the bytes. The two loaders run alternately per family and dtype in one run, so their ratio is side by side.
 """
 from __future__ import annotations
 
@@ -92,7 +93,14 @@ def _hf_load(hf_dir: str, dtype: str) -> None:
     t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
     n = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"params": n, "peak_rss_mb": _peak_rss_mb(), "load_s": time.perf_counter() - t0}), flush=True)
+    loaded_s, loaded_rss = time.perf_counter() - t0, _peak_rss_mb()
+    # from_pretrained may leave the weights memory-mapped, read from disk only when first used: touch every
+    # parameter once so the "read" figures include the bytes megatrain's ranks have in memory when they return
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+    print(json.dumps({"params": n, "peak_rss_mb": loaded_rss, "load_s": loaded_s,
+                      "read_peak_rss_mb": _peak_rss_mb(), "read_s": time.perf_counter() - t0}), flush=True)
 
 
 def megatrain_load(hf_dir: str) -> dict:
@@ -142,16 +150,17 @@ def main():
     print(f"\nhidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; megatrain: tp=2 x pp=2 on 4 CPU ranks (fp32 "
           "parameters); transformers: from_pretrained in one process (the file's dtype)")
     print("| family | dtype | params | file GB | megatrain s | megatrain peak RSS/rank GB | sum of 4 ranks GB "
-          "| transformers s | transformers peak RSS GB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| transformers s | transformers peak RSS GB | transformers s, weights read | peak RSS GB, weights read |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         m, t = r["megatrain_tp2pp2"], r["transformers"]
         print(f"| {r['family']} | {r['dtype']} | {r['params'] / 1e6:.1f} M | {r['checkpoint_GB']:.2f} | {m['load_s']:.2f} "
               f"| {m['peak_rss_mb'] / 1024:.2f} | {m['sum_peak_rss_mb'] / 1024:.2f} | {t['load_s']:.2f} "
-              f"| {t['peak_rss_mb'] / 1024:.2f} |")
+              f"| {t['peak_rss_mb'] / 1024:.2f} | {t['read_s']:.2f} | {t['read_peak_rss_mb'] / 1024:.2f} |")
     result = {"benchmark": "bench_hf_load", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "size": {"hidden": a.hidden, "layers": a.layers, "vocab": a.vocab}, "machine": platform.machine(),
-              "cpu_count": os.cpu_count(), "torch": torch.__version__, "rows": rows}
+              "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(), "torch": torch.__version__,
+              "command": " ".join(["python", *sys.argv]), "rows": rows}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".tmp", "w") as f:
         json.dump(result, f, indent=1)

@@ -21,16 +21,9 @@ def main(argv=None):
     if not cfg.model.from_hf:
         fail(ValueError("model.from_hf is not set; pass --model.from_hf=/path/to/hf_model_dir"))
     from megatrain.data.prepare import prepare_corpus
-    from megatrain.interop.export import check_export_target
-    from megatrain.interop.hf import HFSource, cli_model_fields, model_config_from_hf
+    from megatrain.interop.hf import resolve_from_hf
     try:
-        explicit = cli_model_fields(sys.argv[1:] if argv is None else argv, cfg.model)
-        cfg.model = model_config_from_hf(cfg.model.from_hf, base=cfg.model, explicit=explicit)
-        HFSource(cfg.model.from_hf, cfg.model)  # every tensor accounted for, before any data work
-        if cfg.checkpoint.export_hf:
-            check_export_target(cfg.checkpoint.export_hf, overwrite=cfg.checkpoint.export_overwrite)
-        if cfg.data.tokenizer is None:
-            cfg.data.tokenizer = cfg.model.from_hf
+        resolve_from_hf(cfg, argv)  # architecture, tensors, export target, tokenizer: before any data work
         prepare_corpus(cfg.data, seed=cfg.train.seed)  # idempotent; concurrent ranks wait on its lock
     except UserError as err:
         fail(err)

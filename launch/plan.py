@@ -20,10 +20,8 @@ def main(argv=None):
     from megatrain.plan.report import describe, layout_table, stage_table
     try:
         world = planned_world_size(cfg)
-        if cfg.model.from_hf:
-            from megatrain.interop.hf import cli_model_fields, model_config_from_hf
-            explicit = cli_model_fields(sys.argv[1:] if argv is None else argv, cfg.model)
-            cfg.model = model_config_from_hf(cfg.model.from_hf, base=cfg.model, explicit=explicit)
+        from megatrain.interop.hf import config_from_hf_args
+        config_from_hf_args(cfg, argv)  # the model of --model.from_hf, as the training launchers build it
         cfg = with_vocab(cfg)
         rows = plan_memory(cfg, world_size=world)
         print(describe(cfg, world))

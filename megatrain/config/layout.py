@@ -45,10 +45,7 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
         if model.num_heads % par.tp:
             raise ConfigError(f"parallel.tp={par.tp} does not divide model.num_heads={model.num_heads}; "
                               "choose tp dividing the head count")
-        if model.kv_heads % par.tp and par.tp % model.kv_heads:
-            raise ConfigError(f"parallel.tp={par.tp} neither divides nor is a multiple of model.num_kv_heads="
-                              f"{model.kv_heads}; choose tp dividing the kv-head count or a multiple of it "
-                              "(kv heads are then replicated)")
+        # any kv-head count works: tp splits, replicates or keeps whole the kv heads (parallelize.tensor_parallel)
         if model.ffn_size % par.tp:
             raise ConfigError(f"parallel.tp={par.tp} does not divide the MLP width {model.ffn_size}; "
                               "set model.ffn_hidden_size to a multiple of tp")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
-from megatrain.config.schema import ModelConfig
+from megatrain.config.schema import Config, ModelConfig
 from megatrain.errors import CheckpointError, ConfigError
 from megatrain.interop.export import SHARD_BYTES, save_state_pretrained  # noqa: F401  (public API)
 from megatrain.interop.hf_maps import _strip, check_unused, from_hf_map, model_fields_from_hf
@@ -60,6 +61,31 @@ def cli_model_fields(argv: list[str], model: ModelConfig) -> dict:
     """{field: validated value} of the ``--model.<field>`` overrides in ``argv``."""
     keys = {a[len("--model."):].split("=", 1)[0] for a in argv if a.startswith("--model.")}
     return {k: getattr(model, k) for k in keys if k in ModelConfig.model_fields}
+
+
+def config_from_hf_args(cfg: Config, argv: list[str] | None = None) -> None:
+    """With ``model.from_hf`` set, replace ``cfg.model``'s architecture by the directory's config.json, refusing a
+    ``--model.*`` override in ``argv`` (None = ``sys.argv[1:]``) that disagrees with it. In place."""
+    if not cfg.model.from_hf:
+        return
+    explicit = cli_model_fields(sys.argv[1:] if argv is None else argv, cfg.model)
+    cfg.model = model_config_from_hf(cfg.model.from_hf, base=cfg.model, explicit=explicit)
+
+
+def resolve_from_hf(cfg: Config, argv: list[str] | None = None) -> None:
+    """``--model.from_hf=DIR`` as every training launcher (pretrain, finetune) takes it, before any data work:
+    the architecture from DIR/config.json (:func:`config_from_hf_args`), every tensor of DIR accounted for
+    (:class:`HFSource`), the export target checked, and ``data.tokenizer`` defaulting to DIR's tokenizer. In place;
+    a bad directory, override or target is a one-line UserError. Nothing happens without ``model.from_hf``."""
+    if not cfg.model.from_hf:
+        return
+    from megatrain.interop.export import check_export_target
+    config_from_hf_args(cfg, argv)
+    HFSource(cfg.model.from_hf, cfg.model)
+    if cfg.checkpoint.export_hf:
+        check_export_target(cfg.checkpoint.export_hf, overwrite=cfg.checkpoint.export_overwrite)
+    if cfg.data.tokenizer is None:
+        cfg.data.tokenizer = cfg.model.from_hf
 
 
 class HFSource:

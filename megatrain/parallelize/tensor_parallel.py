@@ -1,9 +1,12 @@
 """Tensor (and sequence) parallelism as a transform over a built Transformer.
 
-Attention: q/k/v column-parallel (query and kv heads split; GQA groups stay whole since kv heads divide by
-tp), o row-parallel. When tp exceeds the kv heads (tp a multiple of them), each kv head is replicated on
-tp/kv consecutive ranks, as Megatron does: a rank's query heads all use its one kv head, and the copies'
-gradients are summed so they stay equal. MLP: gate/up column, down row. Token embedding and LM head split along the vocabulary,
+Attention: q column-parallel (query heads split), o row-parallel; k/v by the rule of :func:`kv_layout`:
+- tp divides the kv heads: column-parallel (GQA groups stay whole);
+- tp a multiple of the kv heads: each kv head replicated on tp/kv consecutive ranks, as Megatron does (a rank's
+  query heads all use its one kv head; the copies' gradients are summed so they stay equal);
+- neither (3 kv heads at tp=2 or 4): k/v kept whole on every rank (:class:`ReplicatedKVProjection`), each rank
+  computing the kv heads its own query heads use, one per query head; the gradients are summed over tp.
+MLP: gate/up column, down row. Token embedding and LM head split along the vocabulary,
 padded to a multiple of tp (the loss masks the padding). With sequence parallelism the residual stream
 between blocks is split along the sequence: column layers all-gather it, row layers reduce-scatter back,
 and replicated parameters that then see different tokens per rank (norms, row biases) get their gradients
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from megatrain.config.schema import Config
-from megatrain.distributed.collectives import split_to_group
+from megatrain.distributed.collectives import copy_to_group, gather_for_group, split_to_group
 from megatrain.distributed.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatrain.parallelize.param_spec import inherit_spec, update_spec
 from megatrain.parallelize.sequence_parallel import mark_replicated_grads, mark_sequence_parallel_grads
@@ -44,10 +49,73 @@ def _column(linear: nn.Linear, *, pad_out_to: int | None = None, **kw) -> Column
     return layer
 
 
-def _column_kv(linear: nn.Linear, *, heads: int, tp: int, group, **kw) -> ColumnParallelLinear:
-    """k/v projection: split by head, or (tp > heads) each head repeated tp/heads times, then split."""
-    if tp <= heads:
+def kv_layout(kv_heads: int, tp: int) -> str:
+    """How tp holds the k/v projections: "split" (tp divides the kv heads), "replicated_heads" (tp a multiple of
+    them: one kv head per rank) or "whole" (neither: every rank holds all kv heads). The planner counts by it."""
+    if kv_heads % tp == 0:
+        return "split"
+    return "replicated_heads" if tp % kv_heads == 0 else "whole"
+
+
+def kv_weight_heads(kv_heads: int, tp: int) -> int:
+    """kv heads whose k/v weights one tp rank holds (the planner's parameter count)."""
+    return {"split": kv_heads // tp, "replicated_heads": 1, "whole": kv_heads}[kv_layout(kv_heads, tp)]
+
+
+def local_kv_heads(kv_heads: int, q_heads: int, tp: int) -> int:
+    """kv heads one tp rank's attention sees: under "whole" one per local query head (see ReplicatedKVProjection)."""
+    return {"split": kv_heads // tp, "replicated_heads": 1, "whole": q_heads // tp}[kv_layout(kv_heads, tp)]
+
+
+class ReplicatedKVProjection(nn.Module):
+    """A k or v projection whose kv heads tp cannot split evenly (3 kv heads at tp=2: a rank's query heads use
+    parts of two kv groups). The weight stays whole on every tp rank (a replicated parameter: its ParamSpec has
+    no tp split, so checkpoints and exports see the one full tensor); each rank computes only the kv heads its
+    query heads use and repeats each once per query head using it, so the attention sees as many kv heads as
+    query heads (group size 1) and needs no change. Each rank's weight gradient covers only its query heads'
+    use, so the copies' gradients are summed over tp (``mark_replicated_grads``) and stay equal.
+
+    Cost against a split projection: the k/v weights (and their optimizer state) are held tp times, and the
+    local k/v activations have q_heads/tp heads instead of kv_heads/tp.
+
+    (B, T, H) — or (B, T/tp, H) under sequence parallelism — → (B, T, q_heads/tp * D)."""
+
+    def __init__(self, linear: nn.Linear, *, kv_heads: int, q_heads: int, group, sequence_parallel: bool = False):
+        super().__init__()
+        n, r = dist.get_world_size(group), dist.get_rank(group)
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.weight, self.bias = linear.weight, linear.bias  # the same (tagged) parameters: whole, replicated
+        self.head_dim = linear.weight.shape[0] // kv_heads
+        per_rank, group_size = q_heads // n, q_heads // kv_heads  # query heads per rank, per kv head
+        mine = range(r * per_rank, (r + 1) * per_rank)  # this rank's query heads (q_proj's column split)
+        self.first = mine[0] // group_size  # the first kv head they use
+        last = mine[-1] // group_size
+        # (kv head relative to ``first``, how many of this rank's query heads use it), in query-head order
+        self.uses = tuple((h - self.first, sum(1 for q in mine if q // group_size == h))
+                          for h in range(self.first, last + 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = gather_for_group(x, self.group, dim=1) if self.sequence_parallel else copy_to_group(x, self.group)
+        d, k = self.head_dim, len(self.uses)
+        rows = slice(self.first * d, (self.first + k) * d)  # only the kv heads this rank's queries use
+        y = F.linear(x, self.weight[rows], None if self.bias is None else self.bias[rows])  # (B, T, k*D)
+        y = y.unflatten(-1, (k, d))  # (B, T, k, D)
+        heads = [y[:, :, h:h + 1].expand(-1, -1, count, -1) for h, count in self.uses]
+        return torch.cat(heads, dim=2).flatten(2)  # (B, T, q_heads/tp * D): query head i's kv head at slot i
+
+    def extra_repr(self) -> str:
+        return f"kv heads {self.first}..{self.first + len(self.uses) - 1} used {[c for _, c in self.uses]} times"
+
+
+def _column_kv(linear: nn.Linear, *, heads: int, q_heads: int, tp: int, group, **kw) -> nn.Module:
+    """k/v projection by :func:`kv_layout`: split by head; each head repeated tp/heads times, then split; or whole."""
+    layout = kv_layout(heads, tp)
+    if layout == "split":
         return _column(linear, group=group, **kw)
+    if layout == "whole":
+        layer = ReplicatedKVProjection(linear, kv_heads=heads, q_heads=q_heads, group=group, **kw)
+        mark_replicated_grads([layer.weight, layer.bias], group, tp)  # one slice (the whole) held by all tp ranks
+        return layer
     rep = tp // heads
     w, b = linear.weight.detach(), linear.bias
 
@@ -81,9 +149,9 @@ def apply_tensor_parallel(model: nn.Module, cfg: Config, dims) -> nn.Module:
     for block in model.layers:
         attn, mlp = block.attn, block.mlp
         attn.q_proj = _column(attn.q_proj, **col)
-        kv = cfg.model.kv_heads
-        attn.k_proj = _column_kv(attn.k_proj, heads=kv, tp=dims.tp, **col)
-        attn.v_proj = _column_kv(attn.v_proj, heads=kv, tp=dims.tp, **col)
+        kv = dict(heads=cfg.model.kv_heads, q_heads=cfg.model.num_heads, tp=dims.tp)
+        attn.k_proj = _column_kv(attn.k_proj, **kv, **col)
+        attn.v_proj = _column_kv(attn.v_proj, **kv, **col)
         if attn.q_norm is not None:  # shared over heads, but each rank normalises only its own heads
             mark_replicated_grads([attn.q_norm.weight, attn.k_norm.weight], group, dims.tp)
         attn.o_proj = _row(attn.o_proj, **col)

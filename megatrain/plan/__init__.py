@@ -89,7 +89,7 @@ def propose(cfg: Config, *, world_size: int, limit: int | None = None) -> list[t
                                                     (0, 1, 2, 3), (False, True)):
         if world_size % (tp * pp) or tp > 8 or pp > m.num_layers or (sp and tp == 1) or (pp > 1 and zero > 1):
             continue
-        if m.num_heads % tp or (m.kv_heads % tp and tp % m.kv_heads) or m.ffn_size % tp:
+        if m.num_heads % tp or m.ffn_size % tp:
             continue
         par = cfg.parallel.model_copy(update={"tp": tp, "pp": pp, "zero_stage": zero, "sequence_parallel": sp,
                                               "activation_checkpointing": ckpt, "dp": None})

@@ -64,8 +64,8 @@ def _count_saved(counts: dict, region: list, params: set):
 
 def _local_shapes(m: ModelConfig, tp: int) -> ModelConfig:
     """One tp rank's shapes: heads, kv heads, MLP channels and the padded vocabulary divided by tp."""
-    from megatrain.parallelize.tensor_parallel import padded_vocab_size
-    return m.model_copy(update={"num_heads": m.num_heads // tp, "num_kv_heads": max(m.kv_heads // tp, 1),
+    from megatrain.parallelize.tensor_parallel import local_kv_heads, padded_vocab_size
+    return m.model_copy(update={"num_heads": m.num_heads // tp, "num_kv_heads": local_kv_heads(m.kv_heads, m.num_heads, tp),
                                 "head_dim": m.attn_head_dim, "ffn_hidden_size": m.ffn_size // tp,
                                 "vocab_size": padded_vocab_size(m.vocab_size, tp) // tp, "init_from": None,
                                 "from_hf": None})

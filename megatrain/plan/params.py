@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from megatrain.config.schema import ModelConfig
-from megatrain.parallelize.tensor_parallel import padded_vocab_size
+from megatrain.parallelize.tensor_parallel import kv_weight_heads, padded_vocab_size
 
 _SPLIT = re.compile(r"layers\.\d+\.(attn\.(q|k|v)_proj\.(weight|bias)|attn\.o_proj\.weight|"
                     r"mlp\.(gate|up)_proj\.(weight|bias)|mlp\.down_proj\.weight)$")
@@ -41,8 +41,8 @@ def _tp_share(name: str, numel: int, shape, m: ModelConfig, tp: int) -> int:
     if name in ("embed.wte.weight", "head.lm_head.weight"):
         return padded_vocab_size(m.vocab_size, tp) // tp * shape[1]
     if _SPLIT.match(name):
-        if re.search(r"attn\.(k|v)_proj\.", name):
-            return numel // min(tp, m.kv_heads)  # tp > kv heads: one replicated kv head per rank
+        if re.search(r"attn\.(k|v)_proj\.", name):  # split, one replicated head per rank, or whole
+            return numel * kv_weight_heads(m.kv_heads, tp) // m.kv_heads
         return numel // tp
     return numel  # norms, positions, row-parallel biases: replicated on every tp rank
 

@@ -63,8 +63,6 @@ def test_layout_derivation():
 @pytest.mark.parametrize("tree, world, message", [
     ({"train": {"global_batch_size": 12, "micro_batch_size": 4}}, 2, "train.global_batch_size=12 is not divisible by micro_batch_size*dp=4*2"),
     ({"parallel": {"tp": 3}}, 3, "parallel.tp=3 does not divide model.num_heads=4"),
-    ({"parallel": {"tp": 4}, "model": {"hidden_size": 96, "num_heads": 12, "num_kv_heads": 3}}, 4,
-     "neither divides nor is a multiple of model.num_kv_heads=3"),  # tp=4 with 2 kv heads replicates them
     ({"parallel": {"tp": 2}}, 3, "does not divide world size 3"),
     ({"parallel": {"pp": 4}}, 4, "parallel.pp=4 exceeds model.num_layers=2"),
     ({"parallel": {"pp": 2, "zero_stage": 2}, "train": {"global_batch_size": 8}}, 2, "supports only ZeRO-0/1"),

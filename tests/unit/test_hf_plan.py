@@ -27,11 +27,13 @@ def test_plan_reads_from_hf(tmp_path, capsys):
     assert "--model.num_layers=7 conflicts" in capsys.readouterr().err
 
 
-def test_tp_above_kv_heads_layout_rule():
+def test_any_kv_head_count_layout_rule():
+    """tp dividing the kv heads splits them, a multiple replicates one per rank, any other keeps them whole."""
     from megatrain.config import build_config, resolve_layout
-    from megatrain.errors import ConfigError
+    from megatrain.parallelize.tensor_parallel import kv_layout, kv_weight_heads, local_kv_heads
     model = {"arch": "llama", "vocab_size": 64, "hidden_size": 96, "num_heads": 12, "ffn_hidden_size": 96}
-    for kv, tp in ((1, 2), (3, 6), (2, 4), (4, 2)):  # tp a multiple of the kv heads (replicated) or dividing them
+    for kv, tp in ((1, 2), (3, 6), (2, 4), (4, 2), (3, 2), (3, 4)):
         resolve_layout(build_config({"model": {**model, "num_kv_heads": kv}, "parallel": {"tp": tp}}), tp)
-    with pytest.raises(ConfigError, match=r"parallel.tp=4 neither divides nor is a multiple of model.num_kv_heads=3"):
-        resolve_layout(build_config({"model": {**model, "num_kv_heads": 3}, "parallel": {"tp": 4}}), 4)
+    assert [kv_layout(3, tp) for tp in (1, 2, 3, 4, 6)] == ["split", "whole", "split", "whole", "replicated_heads"]
+    assert [kv_weight_heads(3, tp) for tp in (1, 2, 3, 4, 6)] == [3, 3, 1, 3, 1]  # k/v weight heads per rank
+    assert [local_kv_heads(3, 12, tp) for tp in (1, 2, 3, 4, 6)] == [3, 6, 1, 3, 1]  # heads a rank's attention sees
