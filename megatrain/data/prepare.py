@@ -157,12 +157,12 @@ def _build(data_cfg, seed: int, tmp: str, digest: str, launch: str | None = None
     chat = kinds["messages"] > 0
 
     t1 = time.perf_counter()
-    train_docs = [d for d, v in zip(docs, is_val) if not v]
-    if chat and data_cfg.tokenizer is None:  # the trained tokenizer learns the template's headers too
-        template, _ = resolve_chat_template(data_cfg.chat_template)
-        train_docs = [record_text(d, template, {"eos_token": "", "bos_token": ""}) for d in train_docs]
-    else:
-        train_docs = [record_text(d, None, {}) if isinstance(d, dict) else d for d in train_docs]
+    train_docs = []  # text a tokenizer is trained on (none needed when data.tokenizer is given)
+    if data_cfg.tokenizer is None:
+        # the trained tokenizer learns the chat template's headers too
+        template = resolve_chat_template(data_cfg.chat_template)[0] if chat else None
+        train_docs = [record_text(d, template, {"eos_token": "", "bos_token": ""})
+                      for d, v in zip(docs, is_val) if not v]
     tokenizer, tok_info = _make_tokenizer(data_cfg, tmp, train_docs, seed)
     del train_docs
     t_tok = time.perf_counter() - t1
