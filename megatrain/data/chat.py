@@ -191,6 +191,23 @@ class RecordEncoder:
         return np.asarray(ids, np.int64), mask
 
 
+def load_chat_template(data_dir: str) -> str | None:
+    """The template a prepared data dir's chat records were rendered with (``chat_template.jinja``), or None."""
+    from megatrain.data.prepare import read_meta
+    info = read_meta(data_dir).get("chat_template")
+    if not isinstance(info, dict) or not isinstance(info.get("path"), str):
+        return None
+    with open(os.path.join(data_dir, os.path.basename(info["path"])), encoding="utf-8") as f:
+        return f.read()
+
+
+def encode_chat_prompt(tokenizer, template: str, messages: list[dict]) -> list[int]:
+    """Ids of ``messages`` followed by the template's generation prompt: what a model trained on this data is given
+    to answer (rendered and tokenized exactly as prepare did)."""
+    text = render_chat(messages, template, tokenizer.special_tokens_map(), add_generation_prompt=True)
+    return tokenizer.encode_with_offsets(text)[0]
+
+
 def record_text(record, template: str | None, specials: dict[str, str]) -> str:
     """The text a record contributes to tokenizer training (its rendering, special-token strings left out)."""
     if isinstance(record, str):

@@ -138,3 +138,20 @@ def test_prepare_with_hf_tokenizer_stores_masks(tmp_path, hf_dir):
         a, b = r.offsets[i], r.offsets[i + 1]
         assert r.tokens[a:b].tolist() == ids.tolist() and r.mask[a:b].tolist() == mask.tolist()
     assert "mask_crc32" in meta["splits"]["train"]["checksums"]["train-00000"]
+
+
+def test_generation_prompt_helpers(tmp_path, sp_model):
+    from megatrain.config import DataConfig
+    from megatrain.data.chat import encode_chat_prompt, load_chat_template
+    from megatrain.data.prepare import prepare_corpus
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps({"messages": CONV[1:3]}) + "\n")
+    prepare_corpus(DataConfig(sources=[str(src)], path=str(tmp_path / "out"), tokenizer=sp_model, val_fraction=0.0,
+                              num_workers=1))
+    template = load_chat_template(str(tmp_path / "out"))
+    assert template == BUILTIN_CHAT_TEMPLATE
+    tok = load_tokenizer(str(tmp_path / "out"))
+    ids = encode_chat_prompt(tok, template, CONV[1:2])
+    assert ids == tok.encode("<|user|>\nwhat is 2 + 3?\n<|assistant|>\n")
+    full, mask = RecordEncoder(tok, template).encode({"messages": CONV[1:3]})
+    assert full[:len(ids)].tolist() == ids and not mask[:len(ids)].any() and mask[len(ids):].all()

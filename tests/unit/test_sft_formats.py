@@ -127,3 +127,31 @@ def test_shipped_chat_demo_is_the_generators_output_and_prepares(tmp_path):
     assert checked > 40
     meta, _ = _prepare(tmp_path, ["chat_demo"], vocab_size=400)
     assert meta["record_kinds"]["messages"] == NUM_CONVERSATIONS and meta["loss_mask"]
+
+
+def test_mask_shard_checksum_size_and_presence(tmp_path):
+    import os
+    from megatrain.data.dataset import PackedTokenDataset
+    from megatrain.data.indexed import CorruptShardError
+    from megatrain.data.prepare import _VERIFIED
+    _, path = _prepare(tmp_path, [_jsonl(tmp_path / "pc.jsonl", PC)])
+    mask = f"{path}/train-00000.mask"
+    data = bytearray(open(mask, "rb").read())
+    data[0] ^= 1  # same size, one flag flipped
+    with open(mask, "wb") as f:
+        f.write(data)
+    _VERIFIED.clear()
+    with pytest.raises(CorruptShardError, match=r"train-00000\.mask of split 'train' fails its checksum"):
+        PackedTokenDataset(path, "train", 8)
+    with open(mask, "wb") as f:
+        f.write(data[:-1])
+    with pytest.raises(CorruptShardError, match=r"train-00000\.mask: \d+ bytes but .* records \d+ tokens"):
+        PackedTokenDataset(path, "train", 8, verify_checksums=False)
+    os.remove(mask)
+    with pytest.raises(DataError, match=r"train-00000\.mask of split .train. is missing"):
+        PackedTokenDataset(path, "train", 8)
+    with pytest.raises(DataError, match=r"train-00000\.mask is missing but .*meta\.json records a loss mask"):
+        PackedTokenDataset(path, "train", 8, verify_checksums=False)
+    again = prepare_corpus(DataConfig(sources=[str(tmp_path / "pc.jsonl")], path=path, vocab_size=400, num_workers=1,
+                                      val_fraction=0.0))
+    assert not again["reused"] and os.path.isfile(mask)  # prepare rebuilds a directory whose mask is gone
