@@ -113,7 +113,7 @@ def resolve_chat_template(value: str | None, tokenizer=None) -> tuple[str, str]:
 
 
 def render_chat(messages: list[dict], template: str, special_tokens: dict[str, str], *,
-                add_generation_prompt: bool = False, generation_spans: bool = False):
+                add_generation_prompt: bool = False, generation_spans: bool = False, origin: str = "a conversation"):
     """The rendered text (and with ``generation_spans`` the ``{% generation %}`` character spans), by transformers'
     ``render_jinja_template`` - the sandboxed environment ``apply_chat_template`` renders with."""
     from transformers.utils.chat_template_utils import render_jinja_template
@@ -123,7 +123,7 @@ def render_chat(messages: list[dict], template: str, special_tokens: dict[str, s
             conversations=[messages], chat_template=template, add_generation_prompt=add_generation_prompt,
             return_assistant_tokens_mask=generation_spans, **special_tokens)
     except (jinja2.exceptions.TemplateError, TypeError, ValueError) as err:
-        raise DataError(f"chat template failed to render a conversation ({type(err).__name__}: "
+        raise DataError(f"{origin}: chat template failed to render ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:160] if str(err) else ''}); fix data.chat_template") from None
     return (texts[0], spans[0]) if generation_spans else texts[0]
 
@@ -153,23 +153,24 @@ class RecordEncoder:
                     np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(target), np.uint8)]))
         return self.encode_messages(record["messages"], origin)
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = False, origin: str = "a conversation") -> str:
         if self.template is None:
-            raise DataError("chat data needs a chat template; set data.chat_template (e.g. 'builtin')")
-        return render_chat(messages, self.template, self.specials, add_generation_prompt=add_generation_prompt)
+            raise DataError(f"{origin}: chat data needs a chat template; set data.chat_template (e.g. 'builtin')")
+        return render_chat(messages, self.template, self.specials, add_generation_prompt=add_generation_prompt,
+                           origin=origin)
 
     def assistant_spans(self, messages: list[dict], origin: str = "record", *,
                         use_generation: bool | None = None) -> tuple[str, list[tuple[int, int]]]:
         """(rendered text, character spans of the assistant turns) - see the module doc for the two methods."""
         if self.has_generation if use_generation is None else use_generation:
-            return render_chat(messages, self.template, self.specials, generation_spans=True)
-        full = self.render(messages)
+            return render_chat(messages, self.template, self.specials, generation_spans=True, origin=origin)
+        full = self.render(messages, origin=origin)
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = self.render(messages[:i], add_generation_prompt=True) if i else ""
-            through = self.render(messages[: i + 1])
+            start = self.render(messages[:i], add_generation_prompt=True, origin=origin) if i else ""
+            through = self.render(messages[: i + 1], origin=origin)
             if not (through.startswith(start) and full.startswith(through)):
                 raise DataError(f"{origin}: the chat template does not render the conversation's prefixes as "
                                 f"prefixes of it (turn {i}), so assistant tokens cannot be located; use a template "
@@ -208,7 +209,7 @@ def encode_chat_prompt(tokenizer, template: str, messages: list[dict]) -> list[i
     return tokenizer.encode_with_offsets(text)[0]
 
 
-def record_text(record, template: str | None, specials: dict[str, str]) -> str:
+def record_text(record, template: str | None, specials: dict[str, str], origin: str = "a conversation") -> str:
     """The text a record contributes to tokenizer training (its rendering, special-token strings left out)."""
     if isinstance(record, str):
         return record
@@ -217,4 +218,4 @@ def record_text(record, template: str | None, specials: dict[str, str]) -> str:
     if "prompt" in record:
         return record["prompt"] + record["completion"]
     blank = {k: "" for k in specials}
-    return render_chat(record["messages"], template, blank)
+    return render_chat(record["messages"], template, blank, origin=origin)

@@ -161,8 +161,8 @@ def _build(data_cfg, seed: int, tmp: str, digest: str, launch: str | None = None
     if data_cfg.tokenizer is None:
         # the trained tokenizer learns the chat template's headers too
         template = resolve_chat_template(data_cfg.chat_template)[0] if chat else None
-        train_docs = [record_text(d, template, {"eos_token": "", "bos_token": ""})
-                      for d, v in zip(docs, is_val) if not v]
+        train_docs = [record_text(d, template, {"eos_token": "", "bos_token": ""}, o)
+                      for o, d, v in zip(origins, docs, is_val) if not v]
     tokenizer, tok_info = _make_tokenizer(data_cfg, tmp, train_docs, seed)
     del train_docs
     t_tok = time.perf_counter() - t1

@@ -115,7 +115,7 @@ def test_chat_template_override_file_string_and_errors(tmp_path, hf_dir):
         resolve_chat_template("nope.jinja", tok)
     with pytest.raises(DataError, match=r"f\.jsonl:3: the chat template does not render the conversation's prefixes"):
         RecordEncoder(tok, NOT_PREFIX).encode({"messages": CONV}, "f.jsonl:3")
-    with pytest.raises(DataError, match="chat template failed to render"):
+    with pytest.raises(DataError, match=r"f\.jsonl:1: chat template failed to render \(TemplateError: no system messages\)"):
         RecordEncoder(tok, "{{ raise_exception('no system messages') }}").encode({"messages": CONV}, "f.jsonl:1")
 
 

@@ -155,3 +155,20 @@ def test_mask_shard_checksum_size_and_presence(tmp_path):
     again = prepare_corpus(DataConfig(sources=[str(tmp_path / "pc.jsonl")], path=path, vocab_size=400, num_workers=1,
                                       val_fraction=0.0))
     assert not again["reused"] and os.path.isfile(mask)  # prepare rebuilds a directory whose mask is gone
+
+
+def test_worker_processes_encode_records_like_one_process(tmp_path, monkeypatch):
+    from megatrain.data import prepare as prep
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} + 1?"},
+                          {"role": "assistant", "content": f"{i + 1}"}]} for i in range(60)]
+    src = _jsonl(tmp_path / "chat.jsonl", rows)
+    _, one = _prepare(tmp_path / "a", [src])
+    monkeypatch.setattr(prep, "_BATCH_CHARS", 200)  # several batches, so two spawned workers share them
+    _, two = _prepare(tmp_path / "b", [src], num_workers=2)
+    assert _documents(one) == _documents(two)
+    # a record the template refuses, met inside a worker: the same one-line error, naming the line
+    template = ("{% for m in messages %}{% if m['content'] == 'q' %}{{ raise_exception('q is not allowed') }}"
+                "{% endif %}{{ m['content'] + '\n' }}{% endfor %}")
+    bad = _jsonl(tmp_path / "bad.jsonl", rows[:30] + [{"messages": [{"role": "user", "content": "q"}]}] + rows[30:])
+    with pytest.raises(DataError, match=r"bad\.jsonl:31: chat template failed to render .*q is not allowed"):
+        _prepare(tmp_path / "c", [bad], num_workers=2, chat_template=template, tokenizer=f"{one}/tokenizer.model")
