@@ -97,19 +97,25 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """sentencepiece never reads its control pieces from text, so the template's ``</s>``/``<s>`` strings are
         cut out here and given their ids (the way Hugging Face tokenizers treat added tokens)."""
-        import re
-        specials = {self.sp.id_to_piece(i): i for i in (self.eos_id, self.bos_id) if i is not None}
+        if getattr(self, "_specials", None) is None:
+            import re
+            specials = {self.sp.id_to_piece(i): i for i in (self.eos_id, self.bos_id) if i is not None}
+            self._specials = specials, re.compile("|".join(re.escape(s) for s in sorted(specials, key=len,
+                                                                                        reverse=True)))
+        specials, pattern = self._specials
         ids, spans, pos = [], [], 0
-        pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
         for m in list(pattern.finditer(text)) + [None]:
             end = len(text) if m is None else m.start()
             if end > pos:
                 chunk = text[pos:end]
                 # proto offsets are UTF-8 byte offsets into the chunk; map them back to characters
-                byte_to_char = np.repeat(np.arange(len(chunk) + 1), [len(c.encode("utf-8")) for c in chunk] + [1])
+                byte_to_char = (None if chunk.isascii() else
+                                np.repeat(np.arange(len(chunk) + 1), [len(c.encode("utf-8")) for c in chunk] + [1]))
                 for piece in self.sp.encode(chunk, out_type="proto").pieces:
                     ids.append(int(piece.id))
-                    spans.append((pos + int(byte_to_char[piece.begin]), pos + int(byte_to_char[piece.end])))
+                    a, b = ((piece.begin, piece.end) if byte_to_char is None
+                            else (int(byte_to_char[piece.begin]), int(byte_to_char[piece.end])))
+                    spans.append((pos + a, pos + b))
             if m is not None:
                 ids.append(specials[m.group()])
                 spans.append((m.start(), m.end()))
