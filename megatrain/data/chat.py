@@ -186,7 +186,11 @@ class RecordEncoder:
         ends = np.asarray([o[1] for o in offsets], np.int64)
         for a, b in spans:
             mask[(ends > a) & (starts < b)] = 1
-        if not ids or ids[-1] != self.tok.eos_id:  # documents end with EOS; a target when an assistant spoke last
+        # documents end with EOS (a target when an assistant spoke last), unless the template already closed the
+        # conversation with it, maybe followed by whitespace (ChatML's "<|im_end|>\n" when EOS is <|im_end|>)
+        last = next((j for j in range(len(ids) - 1, -1, -1) if text[offsets[j][0]:offsets[j][1]].strip()
+                     or ids[j] == self.tok.eos_id), None)
+        if last is None or ids[last] != self.tok.eos_id:
             ids.append(self.tok.eos_id)
             mask = np.append(mask, np.uint8(messages[-1]["role"] == "assistant"))
         return np.asarray(ids, np.int64), mask

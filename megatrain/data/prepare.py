@@ -193,7 +193,7 @@ def _build(data_cfg, seed: int, tmp: str, digest: str, launch: str | None = None
         "pad_id": tokenizer.pad_id,
         "tokenizer": {k: v for k, v in tok_info.items() if k != "path_abs"},
         "token_dtype": dtype.name,
-        "eos_appended": True,  # every document is stored as its tokens followed by eos_id
+        "eos_appended": True,  # every document ends with eos_id (a chat: maybe followed by the template's whitespace)
         "loss_mask": sft,      # shards carry <name>.mask: 1 = completion/assistant token (a loss target)
         "record_kinds": kinds,
         "chat_template": template_info,

@@ -155,3 +155,16 @@ def test_generation_prompt_helpers(tmp_path, sp_model):
     assert ids == tok.encode("<|user|>\nwhat is 2 + 3?\n<|assistant|>\n")
     full, mask = RecordEncoder(tok, template).encode({"messages": CONV[1:3]})
     assert full[:len(ids)].tolist() == ids and not mask[:len(ids)].any() and mask[len(ids):].all()
+
+
+def test_no_second_eos_when_the_template_closes_with_it(tmp_path, hf_dir):
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(hf_dir)
+    hf.eos_token = "<|im_end|>"  # an instruct model's ChatML: the end of turn is the EOS
+    path = tmp_path / "im_end"
+    hf.save_pretrained(path)
+    tok = load_tokenizer(str(path))
+    ids, mask = RecordEncoder(tok, CHATML).encode({"messages": CONV})
+    own = _own_ids(tok, CONV, CHATML)["input_ids"]
+    assert ids.tolist() == list(own)  # "...<|im_end|>\n": no EOS appended after the newline
+    assert tok.decode(ids[mask == 1].tolist()) == "it is 5.<|im_end|>\nworld, hello<|im_end|>\n"
