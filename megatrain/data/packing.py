@@ -18,8 +18,10 @@ the same row in every process and after every resume.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -94,12 +96,17 @@ class DocumentPackedDataset(PackedTokenDataset):
         rows = pack_documents(lengths, self.seq_len)
         try:  # temp file + rename: concurrent ranks write the same bytes, readers never see half a file
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp.{os.getpid()}"
-            with open(tmp, "wb") as f:
-                np.save(f, rows)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, rows)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         except OSError as err:  # a read-only data dir: the plan is deterministic, recomputing it is only slower
             log.info("cannot cache the packing plan in %s (%s); computed in memory", path, err.strerror)
         return rows

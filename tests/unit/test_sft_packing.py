@@ -133,3 +133,15 @@ def test_lm_task_picks_dataset_from_meta_and_config(tmp_path):
     assert type(task(sft, packing="stream").train_dataset()) is PackedTokenDataset
     assert task(text, packing="none").train_dataset().packing == "none"
     assert task(sft, train_on_prompt=True).train_dataset()[0]["labels"].tolist()[3] == 21
+
+
+def test_read_only_data_dir_plans_in_memory(tmp_path, monkeypatch):
+    path = _write_dir(tmp_path / "d", DOCS, MASKS)
+    import megatrain.data.packing as packing
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(packing.tempfile, "mkstemp", refuse)
+    ds = DocumentPackedDataset(path, "train", 8)
+    assert len(ds) == 2 and ds[1]["input_ids"].tolist()[:2] == [30, 31]
+    assert not os.listdir(os.path.join(path, "packing"))
