@@ -168,3 +168,24 @@ def test_no_second_eos_when_the_template_closes_with_it(tmp_path, hf_dir):
     own = _own_ids(tok, CONV, CHATML)["input_ids"]
     assert ids.tolist() == list(own)  # "...<|im_end|>\n": no EOS appended after the newline
     assert tok.decode(ids[mask == 1].tolist()) == "it is 5.<|im_end|>\nworld, hello<|im_end|>\n"
+
+
+def test_template_read_from_tokenizer_config_json(tmp_path, hf_dir):
+    import os
+    import shutil
+    path = tmp_path / "cfg_template"
+    shutil.copytree(hf_dir, path)
+    os.remove(path / "chat_template.jinja")  # older layout: the template inside tokenizer_config.json
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHATML_GEN
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(path))
+    assert resolve_chat_template(None, tok) == (CHATML_GEN, "tokenizer")
+    without = tmp_path / "no_template"
+    shutil.copytree(hf_dir, without)
+    os.remove(without / "chat_template.jinja")
+    assert resolve_chat_template(None, load_tokenizer(str(without)))[1] == "builtin"
+    tok = load_tokenizer(str(without))
+    ids, mask = RecordEncoder(tok, BUILTIN_CHAT_TEMPLATE).encode({"messages": CONV[1:3]})
+    assert ids.tolist() == tok.encode_plain("<|user|>\nwhat is 2 + 3?\n<|assistant|>\nit is 5.") + [tok.eos_id]
+    assert tok.decode(ids[mask == 1].tolist()) == "it is 5.<|endoftext|>"
