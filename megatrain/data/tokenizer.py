@@ -115,7 +115,9 @@ class SentencePieceTokenizer(Tokenizer):
                     ids.append(int(piece.id))
                     a, b = ((piece.begin, piece.end) if byte_to_char is None
                             else (int(byte_to_char[piece.begin]), int(byte_to_char[piece.end])))
-                    spans.append((pos + a, pos + b))
+                    # byte-fallback pieces of one character: all but the last are empty spans at the character's
+                    # start; give them the character, so they are masked with it
+                    spans.append((pos + a, pos + (b if b > a else min(a + 1, len(chunk)))))
             if m is not None:
                 ids.append(specials[m.group()])
                 spans.append((m.start(), m.end()))

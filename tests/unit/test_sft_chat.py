@@ -189,3 +189,12 @@ def test_template_read_from_tokenizer_config_json(tmp_path, hf_dir):
     ids, mask = RecordEncoder(tok, BUILTIN_CHAT_TEMPLATE).encode({"messages": CONV[1:3]})
     assert ids.tolist() == tok.encode_plain("<|user|>\nwhat is 2 + 3?\n<|assistant|>\nit is 5.") + [tok.eos_id]
     assert tok.decode(ids[mask == 1].tolist()) == "it is 5.<|endoftext|>"
+
+
+def test_byte_fallback_pieces_masked_with_their_character(sp_model):
+    tok = load_tokenizer(sp_model)
+    enc = RecordEncoder(tok, BUILTIN_CHAT_TEMPLATE)
+    conv = [{"role": "user", "content": "中?"}, {"role": "assistant", "content": "文😀 ok"}]  # unseen: byte pieces
+    ids, mask = enc.encode({"messages": conv})
+    assert ids.tolist() == tok.encode("<|user|>\n中?\n<|assistant|>\n文😀 ok") + [tok.eos_id]
+    assert tok.decode(ids[mask == 1].tolist()) == "文😀 ok"
