@@ -30,6 +30,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatrain", "megatrain.*"]) + ["megatrain.triton_kernels"],
     package_dir={"megatrain.triton_kernels": "kernels"},
+    # the chat JSONL megatrain ships (data.sources: [chat_demo]; written by megatrain/data/chat_demo.py)
+    package_data={"megatrain.data": ["corpora/*.jsonl"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -3,8 +3,10 @@
 --force (or --data.force_prepare=true) rebuilds even when data.path is up to date; a reused directory is
 verified first (shard checksums, see docs/data.md) and rebuilt when a shard was changed.
 
-Reads data.sources, cleans and deduplicates, trains or loads the tokenizer, and writes the .bin/.idx
-shards and meta.json under data.path (see docs/data.md). A second run with the same data config reuses them."""
+Reads data.sources (text, folders, JSONL of {text}, {prompt, completion} or {messages} records, 'stdlib',
+'chat_demo'), cleans and deduplicates, trains or loads the tokenizer, renders chats with data.chat_template, and
+writes the .bin/.idx shards (plus a per-token loss .mask for SFT data) and meta.json under data.path (see
+docs/data.md). A second run with the same data config reuses them."""
 import json
 import logging
 import os

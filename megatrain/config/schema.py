@@ -215,7 +215,8 @@ class DataConfig(Section):
     path: str = Field("data_cache/stdlib", description="Prepared data directory (train/val .bin/.idx shards + tokenizer).")
     sources: list[str] = Field(
         default_factory=lambda: ["stdlib"],
-        description="Inputs for prepare: files, folders, .jsonl (field 'text'); 'stdlib' = the Python stdlib sources.")
+        description="Inputs for prepare: files, folders, .jsonl (one shape per file: {text}, {prompt, completion} or "
+                    "{messages}); 'stdlib' = the Python stdlib sources; 'chat_demo' = the chat JSONL megatrain ships.")
     tokenizer: Optional[str] = Field(
         None, description="Existing sentencepiece .model or HF tokenizer dir; None = train sentencepiece on the data.")
     vocab_size: int = Field(4096, gt=0, description="Vocabulary size when training a sentencepiece tokenizer.")
@@ -231,6 +232,18 @@ class DataConfig(Section):
         True, description="Check every shard's CRC-32 against meta.json when prepare reuses data.path and when "
                           "training first opens it (about 1 s per GB); false skips it for huge corpora (sizes and "
                           "the token id range are still checked).")
+    chat_template: Optional[str] = Field(
+        None, description="How {messages} records are rendered: None = the tokenizer's own chat template "
+                          "(tokenizer_config.json / chat_template.jinja), else the built-in one; 'builtin'; a .jinja "
+                          "file; or a jinja template string. Rendered by transformers' chat-template machinery.")
+    train_on_prompt: bool = Field(
+        False, description="SFT data: keep prompt / system / user tokens in the loss too (default: only completion and "
+                           "assistant tokens). Read at training time; no new prepare needed.")
+    packing: Optional[Literal["stream", "documents", "none"]] = Field(
+        None, description="stream = documents concatenated and cut into seq_len windows; documents = whole documents "
+                          "packed greedily into rows with positions/segments restarting per document and no label "
+                          "across documents; none = one document per row, right-padded. None = documents for SFT data "
+                          "(prompt/completion or messages), stream for plain text.")
     seq_len: Optional[int] = Field(None, gt=0, le=2**22, description="Training sample length; None = model.max_seq_len.")
     dataset: Literal["tokens", "digits", "images", "npz"] = Field(
         "tokens", description="tokens = prepared text shards; digits = sklearn digits; images/npz = user image data.")

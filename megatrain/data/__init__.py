@@ -9,7 +9,9 @@ _EXPORTS = {
     "prepare_corpus": "prepare", "read_meta": "prepare", "split_documents": "prepare", "config_hash": "prepare",
     "load_tokenizer": "tokenizer", "Tokenizer": "tokenizer", "train_sentencepiece": "tokenizer",
     "ShardReader": "indexed", "ShardWriter": "indexed", "CorruptShardError": "indexed", "token_dtype": "indexed",
-    "PackedTokenDataset": "dataset",
+    "PackedTokenDataset": "dataset", "DocumentPackedDataset": "packing",
+    "RecordEncoder": "chat", "resolve_chat_template": "chat", "load_chat_template": "chat",
+    "encode_chat_prompt": "chat",
     "GlobalBatchSampler": "sampler", "rank_slice": "sampler",
     "clean_text": "clean", "Cleaner": "clean",
 }

@@ -48,6 +48,24 @@ class Cleaner:
         self.num_kept += 1
         return text
 
+    def record(self, record: dict) -> dict | None:
+        """A prompt/completion or messages record with every string cleaned and only its own fields kept, or None
+        for an exact duplicate of an earlier record. ``min_chars`` does not apply (a short answer is still an answer)."""
+        import json
+        self.num_seen += 1
+        if "messages" in record:
+            out = {"messages": [{"role": m["role"], "content": clean_text(m["content"])} for m in record["messages"]]}
+        else:
+            out = {"prompt": clean_text(record["prompt"]), "completion": clean_text(record["completion"])}
+        key = json.dumps(out, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        digest = hashlib.blake2b(key, digest_size=16).digest()
+        if digest in self._hashes:
+            self.num_duplicate += 1
+            return None
+        self._hashes.add(digest)
+        self.num_kept += 1
+        return out
+
     def stats(self) -> dict:
         return {"docs_seen": self.num_seen, "docs_kept": self.num_kept,
                 "dropped_short": self.num_short, "dropped_duplicate": self.num_duplicate}

@@ -9,7 +9,8 @@
     num_tokens  uint64
     offsets     uint64[num_docs + 1]   token offset of each document; offsets[-1] == num_tokens
 
-``.bin`` is exactly ``num_tokens * itemsize`` bytes. The reader checks both sizes, the magic, the version
+``.bin`` is exactly ``num_tokens * itemsize`` bytes. SFT data adds ``<name>.mask``: one uint8 per token,
+1 = the token is a loss target (completion / assistant), 0 = prompt; same length as ``.bin``. The reader checks both sizes, the magic, the version
 and the offsets before it maps anything, so a truncated or foreign file raises :class:`CorruptShardError`
 naming the file instead of feeding garbage tokens to training.
 """
@@ -51,7 +52,8 @@ class ShardWriter:
     The idx is written last: a crash mid-shard leaves a .bin without an idx, which no reader accepts.
     """
 
-    def __init__(self, prefix: str, dtype: np.dtype):
+    def __init__(self, prefix: str, dtype: np.dtype, *, with_mask: bool = False):
+        """``with_mask``: also write ``<prefix>.mask`` (every ``add`` then takes a per-token mask)."""
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODES:
@@ -59,9 +61,21 @@ class ShardWriter:
         self._bin = open(prefix + ".bin", "wb")
         self._offsets = [0]
         self._crc, self._max_id = 0, -1  # recorded in meta.json: the shard is verified against them on reuse
+        self._mask = open(prefix + ".mask", "wb") if with_mask else None
+        self._mask_crc = 0
 
-    def add(self, tokens) -> None:
+    def add(self, tokens, mask=None) -> None:
+        """``mask``: (len(tokens),) 0/1 loss-target flags; required with ``with_mask``, refused without."""
         arr = np.asarray(tokens)
+        if (mask is None) != (self._mask is None):
+            raise ValueError(f"{self.prefix}: a mask is given iff the shard was opened with_mask")
+        if mask is not None:
+            flags = np.asarray(mask)
+            if flags.shape != arr.shape:
+                raise DataError(f"{self.prefix}: mask shape {flags.shape} differs from tokens {arr.shape}")
+            data = (flags != 0).astype(np.uint8).tobytes()
+            self._mask.write(data)
+            self._mask_crc = zlib.crc32(data, self._mask_crc)
         if arr.ndim != 1:
             raise DataError(f"a document must be a 1-D token array, got shape {arr.shape}")
         if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(self.dtype).max):
@@ -85,14 +99,21 @@ class ShardWriter:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
+        if self._mask is not None:
+            self._mask.flush()
+            os.fsync(self._mask.fileno())
+            self._mask.close()
         header = _HEADER.pack(MAGIC, VERSION, _CODES[self.dtype], self.num_docs, self.num_tokens)
         idx = header + np.asarray(self._offsets, dtype="<u8").tobytes()
         _fsync_write(self.prefix + ".idx", idx)
         self.record = {"bin_crc32": self._crc, "idx_crc32": zlib.crc32(idx), "max_id": self._max_id}
+        if self._mask is not None:
+            self.record["mask_crc32"] = self._mask_crc
 
 
 class ShardReader:
-    """Validated read-only view of one shard: ``tokens`` (np.memmap, (num_tokens,)) and ``offsets``."""
+    """Validated read-only view of one shard: ``tokens`` (np.memmap, (num_tokens,)), ``offsets`` and ``mask``
+    ((num_tokens,) uint8 when ``<prefix>.mask`` exists, else None)."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix
@@ -129,6 +150,14 @@ class ShardReader:
         # np.memmap cannot map an empty file; an empty shard is an empty array.
         self.tokens = (np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
                        if self.num_tokens else np.zeros(0, dtype=self.dtype))
+        self.mask = None
+        mask_path = prefix + ".mask"
+        if os.path.isfile(mask_path):
+            if os.path.getsize(mask_path) != num_tokens:
+                raise CorruptShardError(f"{mask_path}: {os.path.getsize(mask_path)} bytes but {idx_path} records "
+                                        f"{num_tokens} tokens (one mask byte each){fix}")
+            self.mask = (np.memmap(mask_path, dtype=np.uint8, mode="r", shape=(self.num_tokens,))
+                         if self.num_tokens else np.zeros(0, dtype=np.uint8))
 
     def document(self, i: int) -> np.ndarray:
         if not 0 <= i < self.num_docs:

@@ -23,7 +23,8 @@ import numpy as np
 
 from megatrain.data.clean import Cleaner
 from megatrain.data.indexed import CorruptShardError, ShardReader, ShardWriter, token_dtype
-from megatrain.data.sources import SourceStats, check_sources, describe_sources, iter_documents
+from megatrain.data.chat import RecordEncoder, chat_template_id, record_text, resolve_chat_template
+from megatrain.data.sources import SourceStats, check_sources, describe_sources, iter_documents, resolve_source
 from megatrain.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from megatrain.fsutil import fsync_dir
 from megatrain.errors import DataError
@@ -51,7 +52,7 @@ def config_fingerprint(data_cfg, seed: int) -> dict[str, Any]:
         files = [tok_abs] if os.path.isfile(tok_abs) else sorted(glob.glob(os.path.join(tok_abs, "*")))
         tok_id = [tok_abs] + [f"{os.path.basename(f)}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}"
                               for f in files if os.path.isfile(f)]
-    return {
+    out = {
         "format_version": FORMAT_VERSION,
         "sources": describe_sources(list(data_cfg.sources)),
         "source_contents": source_contents(list(data_cfg.sources)),
@@ -62,6 +63,10 @@ def config_fingerprint(data_cfg, seed: int) -> dict[str, Any]:
         "max_bytes": data_cfg.max_bytes,
         "seed": seed,
     }
+    template = getattr(data_cfg, "chat_template", None)
+    if template is not None:  # absent when unset, so text corpora prepared before SFT support keep their hash
+        out["chat_template"] = chat_template_id(template)
+    return out
 
 
 def source_contents(sources: list[str]) -> dict[str, str]:
@@ -72,7 +77,7 @@ def source_contents(sources: list[str]) -> dict[str, str]:
     for src in sources:
         if src == "stdlib":
             continue
-        root = os.path.abspath(os.path.expanduser(src))
+        root = os.path.abspath(resolve_source(src))
         paths = [root] if os.path.isfile(root) else sorted(
             os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
         digest, total, newest = hashlib.sha256(), 0, 0
@@ -141,24 +146,41 @@ def launch_id() -> str | None:
 
 def _build(data_cfg, seed: int, tmp: str, digest: str, launch: str | None = None) -> dict:
     t0 = time.perf_counter()
-    docs, stats = _read_corpus(data_cfg)
+    docs, origins, stats = _read_corpus(data_cfg)
     t_read = time.perf_counter() - t0
     is_val = split_documents(len(docs), data_cfg.val_fraction, seed)
     if data_cfg.val_fraction > 0 and len(docs) < 2:
         log.warning("only %d document(s): the validation split is empty and training will run without "
                     "validation; add data or set data.val_fraction=0", len(docs))
+    kinds = _kind_counts(docs)
+    sft = kinds["prompt_completion"] + kinds["messages"] > 0  # then every shard gets a loss mask
+    chat = kinds["messages"] > 0
 
     t1 = time.perf_counter()
-    tokenizer, tok_info = _make_tokenizer(data_cfg, tmp, [d for d, v in zip(docs, is_val) if not v], seed)
+    train_docs = []  # text a tokenizer is trained on (none needed when data.tokenizer is given)
+    if data_cfg.tokenizer is None:
+        # the trained tokenizer learns the chat template's headers too
+        template = resolve_chat_template(data_cfg.chat_template)[0] if chat else None
+        train_docs = [record_text(d, template, {"eos_token": "", "bos_token": ""}, o)
+                      for o, d, v in zip(origins, docs, is_val) if not v]
+    tokenizer, tok_info = _make_tokenizer(data_cfg, tmp, train_docs, seed)
+    del train_docs
     t_tok = time.perf_counter() - t1
 
+    template, template_info = None, None
+    if chat:
+        template, source = resolve_chat_template(data_cfg.chat_template, tokenizer)
+        from megatrain.fsutil import atomic_write_text
+        atomic_write_text(os.path.join(tmp, "chat_template.jinja"), template)  # generation renders prompts with it
+        template_info = {"source": source, "path": "chat_template.jinja",
+                         "sha256": hashlib.sha256(template.encode()).hexdigest()[:16]}
     t2 = time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
     splits = {}
     for split in SPLITS:
-        texts = [d for d, v in zip(docs, is_val) if v == (split == "val")]
-        splits[split] = _write_split(texts, os.path.join(tmp, split), tok_info["path_abs"], tokenizer,
-                                     dtype, data_cfg.num_workers)
+        picked = [(o, d) for o, d, v in zip(origins, docs, is_val) if v == (split == "val")]
+        splits[split] = _write_split(picked, os.path.join(tmp, split), tok_info["path_abs"], tokenizer,
+                                     dtype, data_cfg.num_workers, template=template, with_mask=sft)
     t_encode = time.perf_counter() - t2
 
     meta = {
@@ -171,7 +193,10 @@ def _build(data_cfg, seed: int, tmp: str, digest: str, launch: str | None = None
         "pad_id": tokenizer.pad_id,
         "tokenizer": {k: v for k, v in tok_info.items() if k != "path_abs"},
         "token_dtype": dtype.name,
-        "eos_appended": True,  # every document is stored as its tokens followed by eos_id
+        "eos_appended": True,  # every document ends with eos_id (a chat: maybe followed by the template's whitespace)
+        "loss_mask": sft,      # shards carry <name>.mask: 1 = completion/assistant token (a loss target)
+        "record_kinds": kinds,
+        "chat_template": template_info,
         "num_docs": len(docs),
         "num_tokens": sum(s["num_tokens"] for s in splits.values()),
         "text_bytes": stats["bytes_kept"],
@@ -185,18 +210,36 @@ def _build(data_cfg, seed: int, tmp: str, digest: str, launch: str | None = None
     return meta
 
 
-def _read_corpus(data_cfg) -> tuple[list[str], dict]:
+def _kind_counts(docs: list) -> dict[str, int]:
+    counts = {"text": 0, "prompt_completion": 0, "messages": 0}
+    for d in docs:
+        counts["text" if isinstance(d, str) else "messages" if "messages" in d else "prompt_completion"] += 1
+    return counts
+
+
+def _doc_bytes(doc) -> int:
+    if isinstance(doc, str):
+        return len(doc.encode("utf-8"))
+    if "messages" in doc:
+        return sum(len(m["content"].encode("utf-8")) for m in doc["messages"])
+    return len(doc["prompt"].encode("utf-8")) + len(doc["completion"].encode("utf-8"))
+
+
+def _read_corpus(data_cfg) -> tuple[list, list[str], dict]:
+    """(documents: cleaned text or SFT records, their origins, stats)."""
     src_stats = SourceStats()
     cleaner = Cleaner(min_chars=data_cfg.min_chars)
-    docs: list[str] = []
+    docs: list = []
+    origins: list[str] = []
     total = 0
     truncated = False
-    for _origin, raw in iter_documents(list(data_cfg.sources), src_stats):
-        text = cleaner(raw)
+    for origin, raw in iter_documents(list(data_cfg.sources), src_stats):
+        text = cleaner(raw) if isinstance(raw, str) else cleaner.record(raw)
         if text is None:
             continue
         docs.append(text)
-        total += len(text.encode("utf-8"))
+        origins.append(origin)
+        total += _doc_bytes(text)
         if data_cfg.max_bytes is not None and total >= data_cfg.max_bytes:
             truncated = True  # the document that crosses max_bytes is kept whole: no cut documents
             break
@@ -211,7 +254,7 @@ def _read_corpus(data_cfg) -> tuple[list[str], dict]:
             f"{stats['dropped_short']} shorter than data.min_chars={data_cfg.min_chars}, "
             f"{stats['dropped_duplicate']} duplicates, {len(bad)} not UTF-8, {stats['skipped_binary']} binary); "
             "add text sources or lower data.min_chars")
-    return docs, stats
+    return docs, origins, stats
 
 
 def split_documents(num_docs: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -319,22 +362,34 @@ def _lines(text: str) -> Iterator[str]:
 # ------------------------------------------------------------------------------------- encode and write
 
 _worker_tok: Tokenizer | None = None
+_worker_encoder: RecordEncoder | None = None
 
 
-def _worker_init(tok_path: str) -> None:
-    global _worker_tok
+def _worker_init(tok_path: str, template: str | None = None) -> None:
+    global _worker_tok, _worker_encoder
     _worker_tok = load_tokenizer(tok_path)
+    _worker_encoder = RecordEncoder(_worker_tok, template)
 
 
-def _worker_encode(texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(ids, dtype=np.int64) for ids in _worker_tok.encode_batch(texts)]
+def _encode_batch(batch: list[tuple[str, str | dict]], tokenizer: Tokenizer, encoder: RecordEncoder,
+                  with_mask: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(ids with the trailing EOS, mask or None) per document. Plain text goes through ``encode_batch``."""
+    if not with_mask:
+        eos = [tokenizer.eos_id]
+        return [(np.asarray(ids + eos, dtype=np.int64), None) for ids in tokenizer.encode_batch([d for _, d in batch])]
+    return [encoder.encode(doc, origin) for origin, doc in batch]
 
 
-def _batches(texts: list[str]) -> Iterator[list[str]]:
+def _worker_encode(args) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    batch, with_mask = args
+    return _encode_batch(batch, _worker_tok, _worker_encoder, with_mask)
+
+
+def _batches(docs: list[tuple[str, str | dict]]) -> Iterator[list[tuple[str, str | dict]]]:
     batch, size = [], 0
-    for t in texts:
-        batch.append(t)
-        size += len(t)
+    for item in docs:
+        batch.append(item)
+        size += len(item[1]) if isinstance(item[1], str) else _doc_bytes(item[1])
         if size >= _BATCH_CHARS:
             yield batch
             batch, size = [], 0
@@ -342,41 +397,46 @@ def _batches(texts: list[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _encoded(texts: list[str], tok_path: str, tokenizer: Tokenizer, num_workers: int) -> Iterator[np.ndarray]:
-    """Token arrays of ``texts``, in order. Worker processes are spawned (not forked): the parent may
-    hold torch/OpenMP threads, and a forked child of a threaded parent can deadlock."""
-    batches = list(_batches(texts))
+def _encoded(docs: list[tuple[str, str | dict]], tok_path: str, tokenizer: Tokenizer, num_workers: int, *,
+             template: str | None = None, with_mask: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(ids, mask) of ``docs`` ((origin, text or record) pairs), in order. Worker processes are spawned (not
+    forked): the parent may hold torch/OpenMP threads, and a forked child of a threaded parent can deadlock."""
+    batches = list(_batches(docs))
     if num_workers <= 1 or len(batches) <= 1:
+        encoder = RecordEncoder(tokenizer, template)
         for batch in batches:
-            yield from (np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(batch))
+            yield from _encode_batch(batch, tokenizer, encoder, with_mask)
         return
     with mp.get_context("spawn").Pool(min(num_workers, len(batches)), initializer=_worker_init,
-                                      initargs=(tok_path,)) as pool:
-        for arrays in pool.imap(_worker_encode, batches):  # imap keeps document order
+                                      initargs=(tok_path, template)) as pool:
+        for arrays in pool.imap(_worker_encode, [(b, with_mask) for b in batches]):  # imap keeps document order
             yield from arrays
 
 
-def _write_split(texts: list[str], prefix: str, tok_path: str, tokenizer: Tokenizer, dtype,
-                 num_workers: int) -> dict:
-    eos = np.asarray([tokenizer.eos_id], dtype=np.int64)
-    shards, writer, num_docs, num_tokens, checksums = [], None, 0, 0, {}
+def _write_split(docs: list[tuple[str, str | dict]], prefix: str, tok_path: str, tokenizer: Tokenizer, dtype,
+                 num_workers: int, *, template: str | None = None, with_mask: bool = False) -> dict:
+    shards, writer, num_docs, num_tokens, checksums, targets = [], None, 0, 0, {}, 0
     name = os.path.basename(prefix)
-    for ids in _encoded(texts, tok_path, tokenizer, num_workers):
-        if writer is None or (writer.num_tokens and writer.num_tokens + ids.size + 1 > _SHARD_TOKENS):
+    for ids, mask in _encoded(docs, tok_path, tokenizer, num_workers, template=template, with_mask=with_mask):
+        if writer is None or (writer.num_tokens and writer.num_tokens + ids.size > _SHARD_TOKENS):
             if writer is not None:
                 writer.close()
                 checksums[shards[-1]] = writer.record
             shards.append(f"{name}-{len(shards):05d}")
-            writer = ShardWriter(os.path.join(os.path.dirname(prefix), shards[-1]), dtype)
-        writer.add(np.concatenate([ids, eos]))  # (doc_len + 1,)
+            writer = ShardWriter(os.path.join(os.path.dirname(prefix), shards[-1]), dtype, with_mask=with_mask)
+        writer.add(ids, mask)  # (doc_len + 1,): the document's tokens, then EOS
         num_docs += 1
-        num_tokens += ids.size + 1
+        num_tokens += ids.size
+        targets += int(mask.sum()) if mask is not None else ids.size
     if writer is None:  # an empty split still gets a (valid, empty) shard so readers need no special case
         shards.append(f"{name}-00000")
-        writer = ShardWriter(os.path.join(os.path.dirname(prefix), shards[-1]), dtype)
+        writer = ShardWriter(os.path.join(os.path.dirname(prefix), shards[-1]), dtype, with_mask=with_mask)
     writer.close()
     checksums[shards[-1]] = writer.record
-    return {"num_docs": num_docs, "num_tokens": num_tokens, "shards": shards, "checksums": checksums}
+    out = {"num_docs": num_docs, "num_tokens": num_tokens, "shards": shards, "checksums": checksums}
+    if with_mask:
+        out["num_target_tokens"] = targets
+    return out
 
 
 # ------------------------------------------------------------------------------- idempotence, atomicity
@@ -461,7 +521,12 @@ def verify_shards(data_dir: str, meta: dict, *, checksums: bool = True) -> None:
                     log.warning("%s: no shard checksums recorded (prepared by an older megatrain); contents are "
                                 "not verified - prepare again with --data.force_prepare=true to record them", data_dir)
                 continue
-            for ext, key in ((".bin", "bin_crc32"), (".idx", "idx_crc32")):
+            exts = [(".bin", "bin_crc32"), (".idx", "idx_crc32")]
+            if "mask_crc32" in record:
+                if not os.path.isfile(prefix + ".mask"):
+                    raise CorruptShardError(f"shard {prefix}.mask of split '{split_name}' is missing{fix}")
+                exts.append((".mask", "mask_crc32"))
+            for ext, key in exts:
                 st = os.stat(prefix + ext)
                 stamp = (prefix + ext, st.st_size, st.st_mtime_ns)
                 if stamp in _VERIFIED:

@@ -1,8 +1,12 @@
 """Source enumeration: ``data.sources`` entries → a lazy, deterministic stream of raw documents.
 
 An entry is a text file (one document), a folder (every text-like file below it, sorted), a ``.jsonl``
-file (one document per line, field ``text``; a ``.json`` file whose first line is a whole JSON object is read
-the same way) or ``stdlib`` (the CPython standard-library ``.py`` files).
+file (one record per line: ``{"text"}``, ``{"prompt", "completion"}`` or ``{"messages"}``, one shape per file - see
+megatrain/data/chat.py; a ``.json`` file whose first line is a whole JSON object is read the same way),
+``stdlib`` (the CPython standard-library ``.py`` files) or ``chat_demo`` (the chat JSONL megatrain ships,
+megatrain/data/corpora/chat_demo.jsonl, written by megatrain/data/chat_demo.py).
+
+A document is a ``str`` (text) or a ``dict`` record (prompt/completion or messages).
 
 Files (and .jsonl lines) that are not valid UTF-8 are skipped, counted, and reported once as a warning (with the first
 few paths); a corpus that ends up empty says how many were skipped. Binary files inside folders
@@ -16,9 +20,11 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from typing import Iterator
+from megatrain.data.chat import record_kind
 from megatrain.errors import DataError
 
 STDLIB = "stdlib"
+CHAT_DEMO = "chat_demo"
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
 _BINARY_EXT = {
     ".pyc", ".pyo", ".so", ".o", ".a", ".dll", ".dylib", ".exe", ".png", ".jpg", ".jpeg", ".gif", ".bmp",
@@ -43,6 +49,15 @@ def stdlib_root() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
+def chat_demo_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "chat_demo.jsonl")
+
+
+def resolve_source(src: str) -> str:
+    """The path a ``data.sources`` entry reads (``chat_demo`` → the shipped file); ``stdlib`` stays a name."""
+    return chat_demo_path() if src == CHAT_DEMO else os.path.expanduser(src)
+
+
 def describe_sources(sources: list[str]) -> list[str]:
     """Absolute, hashable form of ``sources`` (``stdlib`` pinned to this interpreter's path and version)."""
     out = []
@@ -50,27 +65,27 @@ def describe_sources(sources: list[str]) -> list[str]:
         if src == STDLIB:
             out.append(f"stdlib:{stdlib_root()}:{sys.version_info.major}.{sys.version_info.minor}")
         else:
-            out.append(os.path.abspath(os.path.expanduser(src)))
+            out.append(os.path.abspath(resolve_source(src)))
     return out
 
 
 def check_sources(sources: list[str]) -> None:
     if not sources:
-        raise DataError("data.sources is empty; list files, folders, .jsonl files or 'stdlib'")
+        raise DataError("data.sources is empty; list files, folders, .jsonl files, 'stdlib' or 'chat_demo'")
     for src in sources:
-        if src != STDLIB and not os.path.exists(os.path.expanduser(src)):
+        if src != STDLIB and not os.path.exists(resolve_source(src)):
             raise DataError(f"data.sources: {src} does not exist; fix the path (relative paths are taken "
                              f"from {os.getcwd()}) or use 'stdlib'")
 
 
-def iter_documents(sources: list[str], stats: SourceStats) -> Iterator[tuple[str, str]]:
-    """Yield ``(origin, raw_text)`` in a deterministic order; ``origin`` is ``path`` or ``path:line``."""
+def iter_documents(sources: list[str], stats: SourceStats) -> Iterator[tuple[str, str | dict]]:
+    """Yield ``(origin, raw_text or record)`` in a deterministic order; ``origin`` is ``path`` or ``path:line``."""
     check_sources(sources)
     for src in sources:
         if src == STDLIB:
             yield from _iter_files(_walk(stdlib_root(), only_ext=".py"), stats, sniff=False)
             continue
-        src = os.path.expanduser(src)
+        src = resolve_source(src)
         if os.path.isdir(src):
             yield from _iter_files(_walk(src), stats, sniff=True)
         else:
@@ -126,7 +141,8 @@ def _is_json_lines(path: str) -> bool:
     return False
 
 
-def _iter_jsonl(path: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
+def _iter_jsonl(path: str, stats: SourceStats) -> Iterator[tuple[str, str | dict]]:
+    first = None  # (kind, line) of the file's first record
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -139,18 +155,38 @@ def _iter_jsonl(path: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one "
-                                 "JSON object like {\"text\": \"...\"}") from None
-            if not isinstance(obj, dict) or "text" not in obj:
-                keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"{path}:{lineno}: no 'text' field (found {keys}); each line needs "
-                                 "{\"text\": \"...\"}")
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one JSON object "
+                                 "like {\"text\": ...}, {\"prompt\": ..., \"completion\": ...} or "
+                                 "{\"messages\": [...]}") from None
+            origin = f"{path}:{lineno}"
+            kind = record_kind(obj, origin)
+            if first is None:
+                first = (kind, lineno)
+            elif kind != first[0]:
+                raise DataError(f"{origin}: a {kind} record in a file of {first[0]} records (line {first[1]}); "
+                                "one shape per file - put each shape in its own .jsonl")
+            if kind != "text":
+                yield origin, _replace_surrogates(obj)
+                continue
             text = obj["text"]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: 'text' is {type(text).__name__}, expected a string")
             # JSON may carry lone surrogates ("\ud800"), which cannot be written as UTF-8; replace them.
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 text = text.encode("utf-8", "replace").decode("utf-8")
-            yield f"{path}:{lineno}", text
+            yield origin, text
+
+
+def _replace_surrogates(obj):
+    """A record with every string made UTF-8 encodable (lone surrogates replaced)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+            return obj
+        except UnicodeEncodeError:
+            return obj.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(obj, dict):
+        return {k: _replace_surrogates(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_replace_surrogates(v) for v in obj]
+    return obj

@@ -9,6 +9,8 @@ import io
 import json
 import os
 from typing import Iterable, Iterator
+
+import numpy as np
 from megatrain.errors import DataError
 
 # Special ids of the sentencepiece models we train; fixed so every prepared corpus agrees.
@@ -33,6 +35,25 @@ class Tokenizer:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    # What SFT rendering (megatrain/data/chat.py) needs besides encode:
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of ``text`` with no special token added around it."""
+        raise NotImplementedError
+
+    @property
+    def around(self) -> tuple[list[int], list[int]]:
+        """(ids ``encode`` puts before a text, ids it puts after it), EOS excluded."""
+        return [], []
+
+    def special_tokens_map(self) -> dict[str, str]:
+        """``bos_token``/``eos_token``/... strings a chat template may print."""
+        raise NotImplementedError
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of a rendered chat (special-token strings become their ids) and each id's (start, end)
+        character span in ``text``."""
         raise NotImplementedError
 
 
@@ -61,6 +82,47 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def special_tokens_map(self) -> dict[str, str]:
+        out = {"eos_token": self.sp.id_to_piece(self.eos_id)}
+        if self.bos_id is not None:
+            out["bos_token"] = self.sp.id_to_piece(self.bos_id)
+        if self.pad_id is not None:
+            out["pad_token"] = self.sp.id_to_piece(self.pad_id)
+        return out
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """sentencepiece never reads its control pieces from text, so the template's ``</s>``/``<s>`` strings are
+        cut out here and given their ids (the way Hugging Face tokenizers treat added tokens)."""
+        if getattr(self, "_specials", None) is None:
+            import re
+            specials = {self.sp.id_to_piece(i): i for i in (self.eos_id, self.bos_id) if i is not None}
+            self._specials = specials, re.compile("|".join(re.escape(s) for s in sorted(specials, key=len,
+                                                                                        reverse=True)))
+        specials, pattern = self._specials
+        ids, spans, pos = [], [], 0
+        for m in list(pattern.finditer(text)) + [None]:
+            end = len(text) if m is None else m.start()
+            if end > pos:
+                chunk = text[pos:end]
+                # proto offsets are UTF-8 byte offsets into the chunk; map them back to characters
+                byte_to_char = (None if chunk.isascii() else
+                                np.repeat(np.arange(len(chunk) + 1), [len(c.encode("utf-8")) for c in chunk] + [1]))
+                for piece in self.sp.encode(chunk, out_type="proto").pieces:
+                    ids.append(int(piece.id))
+                    a, b = ((piece.begin, piece.end) if byte_to_char is None
+                            else (int(byte_to_char[piece.begin]), int(byte_to_char[piece.end])))
+                    # byte-fallback pieces of one character: all but the last are empty spans at the character's
+                    # start; give them the character, so they are masked with it
+                    spans.append((pos + a, pos + (b if b > a else min(a + 1, len(chunk)))))
+            if m is not None:
+                ids.append(specials[m.group()])
+                spans.append((m.start(), m.end()))
+                pos = m.end()
+        return ids, spans
 
 
 class HFTokenizer(Tokenizer):
@@ -109,6 +171,33 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False,
                                clean_up_tokenization_spaces=False)
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    @property
+    def around(self) -> tuple[list[int], list[int]]:
+        return self.prefix, (self.suffix[:-1] if self.suffix[-1:] == [self.eos_id] else self.suffix)
+
+    def special_tokens_map(self) -> dict[str, str]:
+        return dict(self.tok.special_tokens_map)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own chat template (tokenizer_config.json / chat_template.jinja), or None."""
+        template = getattr(self.tok, "chat_template", None)
+        if isinstance(template, dict):  # named templates: the default one is what apply_chat_template uses
+            template = template.get("default")
+        return template if isinstance(template, str) and template else None
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Exactly what ``apply_chat_template(..., tokenize=True)`` does to a rendered chat (``add_special_tokens=False``),
+        with the fast tokenizer's character offsets."""
+        if not getattr(self.tok, "is_fast", False):
+            raise DataError(f"data.tokenizer={self.path}: chat data needs a fast tokenizer (tokenizer.json) for token "
+                            "offsets; save the tokenizer with a tokenizer.json")
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
 def load_tokenizer(path_or_data_dir: str) -> Tokenizer:

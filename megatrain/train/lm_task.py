@@ -42,15 +42,27 @@ class LanguageModelingTask:
         from megatrain.models.build import build_model
         return build_model(self.cfg.model, seed=self.cfg.train.seed, meta=self.cfg.model.is_transformer)
 
-    def train_dataset(self):
+    def _dataset(self, data_path: str, split: str, *, vocab_size: int | None, verify_checksums: bool = True):
+        """The split as samples: ``data.packing`` (None = documents for SFT data, which has a loss mask in its
+        meta.json, stream for plain text) picks PackedTokenDataset (stream) or DocumentPackedDataset."""
         from megatrain.data.dataset import PackedTokenDataset
-        return PackedTokenDataset(self.cfg.data.path, "train", self.cfg.seq_len, vocab_size=self.cfg.model.vocab_size,
-                                  verify_checksums=self.cfg.data.verify_checksums)
+        from megatrain.data.prepare import read_meta
+        d = self.cfg.data
+        packing = d.packing or ("documents" if read_meta(data_path).get("loss_mask") else "stream")
+        if packing == "stream":
+            return PackedTokenDataset(data_path, split, self.cfg.seq_len, vocab_size=vocab_size,
+                                      verify_checksums=verify_checksums, train_on_prompt=d.train_on_prompt)
+        from megatrain.data.packing import DocumentPackedDataset
+        return DocumentPackedDataset(data_path, split, self.cfg.seq_len, packing=packing, vocab_size=vocab_size,
+                                     verify_checksums=verify_checksums, train_on_prompt=d.train_on_prompt)
+
+    def train_dataset(self):
+        return self._dataset(self.cfg.data.path, "train", vocab_size=self.cfg.model.vocab_size,
+                             verify_checksums=self.cfg.data.verify_checksums)
 
     def val_dataset(self):
         """The validation split, or None when prepare held none out (val_fraction=0). A corrupt or
         too-short split is an error, not a silently skipped validation."""
-        from megatrain.data.dataset import PackedTokenDataset
         from megatrain.data.prepare import read_meta
         meta = read_meta(self.cfg.data.path)
         if meta["splits"].get("val", {}).get("num_tokens", 0) == 0:
@@ -62,18 +74,18 @@ class LanguageModelingTask:
                     "data.path=%s: the validation split is empty (0 tokens), so this run has no validation; "
                     "add documents or raise data.val_fraction and prepare again", self.cfg.data.path)
             return None
-        return PackedTokenDataset(self.cfg.data.path, "val", self.cfg.seq_len, vocab_size=self.cfg.model.vocab_size,
-                                  verify_checksums=self.cfg.data.verify_checksums)
+        return self._dataset(self.cfg.data.path, "val", vocab_size=self.cfg.model.vocab_size,
+                             verify_checksums=self.cfg.data.verify_checksums)
 
     def validation_for(self, data_path: str):
-        """The validation split of another prepared corpus (continual training tracks forgetting on it)."""
-        from megatrain.data.dataset import PackedTokenDataset
+        """The validation split of another prepared corpus (continual training tracks forgetting on it), packed
+        and masked the way its own meta.json and data.packing / data.train_on_prompt say."""
         from megatrain.data.prepare import read_meta
         meta = read_meta(data_path)
         if meta["vocab_size"] != self.cfg.model.vocab_size:
             raise UserError(f"eval.old_data={data_path} has vocab_size={meta['vocab_size']}, the model "
                              f"{self.cfg.model.vocab_size}; prepare it with the same tokenizer (data.tokenizer)")
-        return PackedTokenDataset(data_path, "val", self.cfg.seq_len)
+        return self._dataset(data_path, "val", vocab_size=None)
 
     def loss_and_stats(self, model, batch):
         if self.cfg.train.fused_linear_ce:

@@ -229,7 +229,7 @@ def test_only_undecodable_input_is_an_empty_corpus_error(tmp_path):
 def test_jsonl_without_text_field(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"text": "a fine first document"}) + "\n" + json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: no 'text' field \(found \['body'\]\)"):
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: no 'text', 'prompt'/'completion' or 'messages' field \(found \['body'\]\)"):
         prepare_corpus(_cfg(tmp_path, [str(p)]))
     p.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"d\.jsonl:1: not valid JSON"):
