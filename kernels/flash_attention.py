@@ -10,6 +10,12 @@ kernel per query block accumulates dQ. Scores are recomputed from q, k and the s
 
 Causal masking is top-left aligned (query i sees keys j ≤ i), as torch's
 ``scaled_dot_product_attention(is_causal=True)`` that the reference uses; this matters when T ≠ S.
+
+Per-document masks (packed rows, varlen): ``segments`` (B, T) / ``key_segments`` (B, S) document ids; a query
+sees only keys of its own document. Every block loads its ids and their min/max: a key block (forward, dQ) or a
+query block (dK/dV) whose id range is disjoint from the program's own is skipped, so packed rows of short
+documents cost about Σ doc² instead of T². With ids the running max is guarded (a row may have no key in a
+block), and a row with no key at all gets output 0 and LSE +inf (its backward probabilities are then 0).
 """
 from __future__ import annotations
 
