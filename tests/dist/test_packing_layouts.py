@@ -1,5 +1,6 @@
 """Packed, loss-masked rows (tests/dist/packed_task.py) train the same under every layout: the logged loss and the
-trained weights of (dp=1, grad_accum=2) equal those of dp=2, pp=2, tp=2 with sequence parallelism, and ZeRO-3.
+trained weights of (dp=1, grad_accum=2) equal those of dp=2, pp=2, tp=2 with sequence parallelism, ZeRO-3, and
+tp=2 / pp=2 under activation checkpointing.
 
 SGD without momentum, so the update is the gradient itself (a wrong normaliser or a lost document mask changes
 it by far more than fp32 reduction order, ~1e-7 relative). The rows' label counts differ widely between
@@ -20,6 +21,8 @@ LAYOUTS = {  # name: (world, overrides)
     "pp2": (2, {"parallel.pp": 2}),
     "tp2sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
     "dp2zero3": (2, {"parallel.zero_stage": 3}),
+    "tp2ckpt": (2, {"parallel.tp": 2, "parallel.activation_checkpointing": "every"}),  # recompute gets the ids
+    "pp2ckpt": (2, {"parallel.pp": 2, "parallel.activation_checkpointing": "every"}),
 }
 
 
@@ -28,7 +31,7 @@ def _train(corpus, log_dir, arch, world, **extra):
     args = tiny_overrides(corpus, log_dir, arch=arch, **{
         "model.vocab_size": 96, "train.max_steps": STEPS, "train.global_batch_size": 8, "train.micro_batch_size": 4,
         "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.5, "train.warmup_steps": 0,
-        "checkpoint.save_final": True, "train.eval_every": STEPS, **extra})
+        "checkpoint.save_final": True, "train.eval_every": STEPS, "train.eval_batches": 0, **extra})  # the whole split
     run_ranks(world, ["tests/dist/packed_task.py", *args], timeout=600)
     with open(log_dir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
