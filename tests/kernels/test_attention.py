@@ -246,3 +246,37 @@ def test_attention_segments_gpu_ratio_rule(dtype, d, t, lengths):
     check_against_reference(lambda q, k, v: attention(q, k, v, True, segments=seg),
                             lambda q, k, v: attention_reference(q, k, v, True, segments=seg.to(q.device)), [q, k, v],
                             dtype=dtype, atol_floor=1e-4)
+
+
+def test_left_padded_prefill_on_the_kernel_equals_the_reference(monkeypatch):
+    # a KV-cache prefill (q_offset 0, key segments from the cache) runs the kernel; the decode step after it
+    # (q_offset > 0) runs the reference; both as the all-reference run
+    from tests.kernels.conftest import force_triton
+    from megatrain.config.schema import ModelConfig
+    from megatrain.models.kv_cache import KVCache
+    from megatrain.models.transformer import build_transformer
+
+    m = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=64,
+                    max_seq_len=32, head_dim=16)
+    model = build_transformer(m, seed=5).to(DEVICE)
+    ids = torch.randint(1, 64, (2, 9), device=DEVICE)
+    segments = torch.tensor([[1] * 9, [0] * 4 + [1] * 5], device=DEVICE)
+    positions = (segments.cumsum(1) - 1).clamp_min(0)
+
+    def run():
+        with torch.no_grad():
+            cache = KVCache(len(model.layers), max_len=12)
+            out = model(ids, positions=positions, segments=segments, cache=cache)
+            step = model(ids[:, :1], positions=positions[:, -1:] + 1, segments=torch.ones_like(ids[:, :1]),
+                         cache=cache)
+        return out, step
+    ref = run()
+    import megatrain.triton_kernels.flash_attention as fa
+    force_triton(monkeypatch, "attention")
+    calls = []
+    real = fa.attention
+    monkeypatch.setattr(fa, "attention", lambda *a, **kw: calls.append(a[0].shape[2]) or real(*a, **kw))
+    got = run()
+    assert calls == [9, 9]  # the prefill of both layers ran the kernel, the decode step did not
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
