@@ -42,9 +42,6 @@ def _dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b)
 
 
-SEG_BIG = 2147483647  # above any int32 document id: the neutral element of a block's minimum
-
-
 @triton.jit
 def _seg_block(SEG, offs, n, other):
     """Segment ids of one block (int32, ``other`` past ``n``) and their min/max over the valid rows."""

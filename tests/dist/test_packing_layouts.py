@@ -61,10 +61,12 @@ def test_llama_layout_matches_one_process(tiny_corpus, tmp_path, references, lay
     _assert_same(_train(tiny_corpus, tmp_path, "llama", world, **extra), references["llama"], layout)
 
 
-def test_gpt2_pipeline_restarts_learned_positions(tiny_corpus, tmp_path, references):
-    # gpt2's learned positions are added on the first stage from the packed positions; blocks on the second
-    # stage get the segments through the pipeline's activations
-    _assert_same(_train(tiny_corpus, tmp_path, "gpt2", 2, **{"parallel.pp": 2}), references["gpt2"], "gpt2 pp2")
+@pytest.mark.parametrize("layout", ["pp2", "tp2sp"])
+def test_gpt2_learned_positions_restart_under(tiny_corpus, tmp_path, references, layout):
+    # gpt2's learned positions come from the packed positions: on the first pipeline stage (blocks on the second
+    # get the segments through the pipeline's activations), and before the sequence-parallel split
+    world, extra = LAYOUTS[layout]
+    _assert_same(_train(tiny_corpus, tmp_path, "gpt2", world, **extra), references["gpt2"], f"gpt2 {layout}")
 
 
 def test_reference_loss_is_the_global_token_mean(tiny_corpus, references):
