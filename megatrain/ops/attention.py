@@ -57,13 +57,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               key_segments: torch.Tensor | None = None, q_offset: int | None = None, policy=None) -> torch.Tensor:
     """``window``: each query sees at most that many keys, itself included (Mistral's sliding window).
     ``segments`` (B, T) / ``key_segments`` (B, S): document ids (packing, padded decoding); attention stays
-    inside a document. ``q_offset``: the first query's key position (tokens already in a KV cache). The fused
-    kernels take none of these yet, so such a call runs the torch reference."""
+    inside a document. ``q_offset``: the first query's key position (tokens already in a KV cache). The triton
+    kernel takes segments (per-document masks in its inner loop); a window or a q_offset runs the torch reference."""
     if q.shape[1] % k.shape[1] != 0:
         raise UserError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
-    if (window is not None and window < k.shape[2]) or segments is not None or q_offset:
+    if (window is not None and window < k.shape[2]) or q_offset:
         return attention_reference(q, k, v, causal, window, segments=segments, key_segments=key_segments,
                                    q_offset=q_offset)
+    masks = {"segments": segments, "key_segments": key_segments} if segments is not None else {}
     backend = backend_for("attention", q.device, dtype=q.dtype, shape={"head_dim": q.shape[-1], "causal": causal},
                           policy=policy)
     if backend == "triton" and q.dtype == torch.float32 and q.is_cuda:
@@ -72,17 +73,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
             _warned.add(("fp32",))
             warnings.warn("attention: fp32 inputs run SDPA, not the triton kernel (its fp32 path uses IEEE dots); "
                           "train in bf16 to use the kernel", stacklevel=2)
-        return attention_reference(q, k, v, causal)
+        return attention_reference(q, k, v, causal, **masks)
     if backend == "triton":
         kernel = importlib.import_module(_TRITON_ATTENTION)
-        if kernel.supports(q, k, v):
-            return kernel.attention(q, k, v, causal)
+        if kernel.supports(q, k, v, **masks):
+            return kernel.attention(q, k, v, causal, **masks)
         key = (q.shape[-1], q.dtype)
         if key not in _warned:  # once per (head dim, dtype): a clear note, not a log flood
             _warned.add(key)
             warnings.warn(f"attention: the triton kernel takes head dims that are multiples of 16 up to 256 in "
-                          f"fp16/bf16/fp32; head dim {q.shape[-1]} ({q.dtype}) runs the torch reference", stacklevel=2)
-        return attention_reference(q, k, v, causal)
-    if backend != "torch":
+                          f"fp16/bf16/fp32 (and segments (B, T) with T = S or key_segments (B, S)); head dim "
+                          f"{q.shape[-1]} ({q.dtype}) runs the torch reference", stacklevel=2)
+        return attention_reference(q, k, v, causal, **masks)
+    if backend != "torch" and not masks:  # other providers take no document masks
         return provider("attention", backend)(q, k, v, causal)
-    return attention_reference(q, k, v, causal)
+    return attention_reference(q, k, v, causal, **masks)

@@ -34,10 +34,10 @@ class _FlashLikeAttention(torch.autograd.Function):
     """Shape stand-in for attention that saves what a flash kernel saves."""
 
     @staticmethod
-    def forward(ctx, q, k, v):  # q: (B, Hq, T, D), k/v: (B, Hkv, T, D)
+    def forward(ctx, q, k, v, mask=None):  # q: (B, Hq, T, D), k/v: (B, Hkv, T, D), mask: (B, 1, T, S) bool
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # (B, Hq, T)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, *(() if mask is None else (mask,)))
         return out
 
     @staticmethod
@@ -72,15 +72,18 @@ def _local_shapes(m: ModelConfig, tp: int) -> ModelConfig:
 
 
 def activation_bytes(m: ModelConfig, *, micro_batch: int, seq_len: int, tp: int = 1, sequence_parallel: bool = False,
-                     dtype: torch.dtype = torch.float32, repeat_kv: bool = False) -> ActivationBytes:
+                     dtype: torch.dtype = torch.float32, repeat_kv: bool = False, packed: bool = False) -> ActivationBytes:
     """``repeat_kv``: the attention backend is the torch reference, which repeats GQA's kv heads up to the query
-    heads before SDPA, so the repeated k and v are what is kept (the Triton kernel reads the kv heads in place)."""
-    return _activation_bytes(m.model_dump_json(), micro_batch, seq_len, tp, sequence_parallel, dtype, repeat_kv)
+    heads before SDPA, so the repeated k and v are what is kept (the Triton kernel reads the kv heads in place).
+    ``packed``: rows of packed documents (positions and segments reach the blocks; the reference then keeps its
+    (B, 1, T, T) document mask, the kernel nothing more)."""
+    return _activation_bytes(m.model_dump_json(), micro_batch, seq_len, tp, sequence_parallel, dtype, repeat_kv,
+                             packed)
 
 
 @functools.lru_cache(maxsize=256)  # the layout search asks for the same shapes many times
 def _activation_bytes(model_json: str, micro_batch: int, seq_len: int, tp: int, sequence_parallel: bool,
-                      dtype: torch.dtype, repeat_kv: bool) -> ActivationBytes:
+                      dtype: torch.dtype, repeat_kv: bool, packed: bool = False) -> ActivationBytes:
     m = ModelConfig.model_validate_json(model_json)
     from megatrain.ops.kernels import Kernels, use_kernels
     from megatrain.plan.params import meta_model
@@ -95,10 +98,17 @@ def _activation_bytes(model_json: str, micro_batch: int, seq_len: int, tp: int, 
         mod.register_forward_hook(lambda _m, _a, _o: region.pop() and None)  # a value would replace the output
 
     class CountingKernels(Kernels):
-        def attention(self, q, k, v, causal=True, window=None):  # counts the fused kernel; a window < T runs
-            # the masked torch reference, which also keeps the (T, T) scores: the plan is low for such runs
+        def attention(self, q, k, v, causal=True, window=None, *, segments=None, key_segments=None,
+                      q_offset=None):  # counts the fused kernel; a window < T runs the masked torch reference,
+            # which also keeps the (T, T) scores: the plan is low for such runs. Document masks (segments) cost
+            # the kernel nothing it keeps beyond the ids; the torch reference keeps its (B, 1, T, S) mask (in q's dtype).
             if repeat_kv and q.shape[1] != k.shape[1]:
                 k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+            if segments is not None and repeat_kv:
+                keys = segments if key_segments is None else key_segments
+                # SDPA turns the bool mask into an additive one in q's dtype and keeps that (B, 1, T, S)
+                mask = (segments[:, None, :, None] == keys[:, None, None, :]).to(q.dtype)
+                return _FlashLikeAttention.apply(q, k, v, mask)
             return _FlashLikeAttention.apply(q, k, v)
     use_kernels(local, CountingKernels())  # this model's kernels only: nothing process-wide is patched
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
@@ -109,7 +119,10 @@ def _activation_bytes(model_json: str, micro_batch: int, seq_len: int, tp: int, 
             region.pop()
         embed = counts.pop("embed", 0)
         with _count_saved(counts, region, params):
-            h = block(h)
+            if packed:  # (B, T) positions and document ids, as a packed batch hands them to every block
+                h = block(h, torch.zeros_like(ids), torch.zeros_like(ids), None)
+            else:
+                h = block(h)
         with _count_saved(head := {}, ["head"], params):
             logits = local.head(h)
             F.cross_entropy(logits.float().view(-1, logits.shape[-1]), ids.view(-1))

@@ -87,23 +87,40 @@ class LanguageModelingTask:
                              f"{self.cfg.model.vocab_size}; prepare it with the same tokenizer (data.tokenizer)")
         return self._dataset(data_path, "val", vocab_size=None)
 
+    @staticmethod
+    def model_inputs(batch: dict) -> dict:
+        """The packing fields of a batch the model takes as keywords: ``positions`` and ``segments`` (B, T)."""
+        return {k: batch[k] for k in ("positions", "segments") if k in batch}
+
+    @staticmethod
+    def loss_terms(batch: dict) -> int:
+        """How many label tokens (labels != -100) the batch holds; the trainer normalises the step's loss by the
+        sum of these over all micro-batches and data-parallel ranks (``loss_divisor``). Read on the host batch."""
+        return int((batch["labels"] != -100).sum())
+
     def loss_and_stats(self, model, batch):
         if self.cfg.train.fused_linear_ce:
             return self._fused_loss_and_stats(model, batch)
-        logits = model(batch["input_ids"])  # (B, T, V)
+        logits = model(batch["input_ids"], **self.model_inputs(batch))  # (B, T, V)
         return self.loss_from_logits(logits, batch, logits_dead=True)  # nothing reads them after the loss
 
     def _fused_loss_and_stats(self, model, batch):
-        hidden = model(batch["input_ids"], return_hidden=True)  # (B, T, H), through the engine's forward
+        # (B, T, H), through the engine's forward
+        hidden = model(batch["input_ids"], return_hidden=True, **self.model_inputs(batch))
         weight = getattr(model, "module", model).head.lm_head.weight  # (V, H); tied: the token table
         labels = batch["labels"].reshape(-1)
         count = (labels != -100).sum()
-        loss = self.kernels.fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels,
-                                                       label_smoothing=self.cfg.train.label_smoothing)
-        return loss, {"loss_sum": loss.detach().float() * count, "count": count.float()}
+        loss_sum = self.kernels.fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels,
+                                                           label_smoothing=self.cfg.train.label_smoothing,
+                                                           reduction="sum")
+        return self._normalised(loss_sum, count, batch)
 
     def loss_from_logits(self, logits: torch.Tensor, batch: dict, *, logits_dead: bool = False):
-        """Mean token CE; ``logits_dead``: the caller drops the logits after this (the kernel may overwrite them)."""
+        """Token CE; ``logits_dead``: the caller drops the logits after this (the kernel may overwrite them).
+
+        The loss is the CE summed over this batch's label tokens divided by ``batch["loss_divisor"]`` when the
+        trainer set it (the global token count of the step, as each micro-batch's share — docs/training.md, loss
+        normalisation), else by this batch's own label count (a plain mean). Statistics are true sums."""
         labels = batch["labels"]  # (B, T)
         flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         count = (flat_labels != -100).sum()
@@ -111,12 +128,18 @@ class LanguageModelingTask:
             per_token = self.kernels.vocab_parallel_cross_entropy(
                 flat_logits, flat_labels, self.tp_group, reduction="none", vocab_size=self.cfg.model.vocab_size,
                 label_smoothing=self.cfg.train.label_smoothing)
-            loss = per_token.sum() / count.clamp_min(1)
+            loss_sum = per_token.sum()
         else:
-            loss = self.kernels.cross_entropy(flat_logits, flat_labels, label_smoothing=self.cfg.train.label_smoothing,
-                                              logits_dead=logits_dead)
-        stats = {"loss_sum": loss.detach().float() * count, "count": count.float()}
-        return loss, stats
+            loss_sum = self.kernels.cross_entropy(flat_logits, flat_labels, reduction="sum",
+                                                  label_smoothing=self.cfg.train.label_smoothing,
+                                                  logits_dead=logits_dead)
+        return self._normalised(loss_sum, count, batch)
+
+    @staticmethod
+    def _normalised(loss_sum: torch.Tensor, count: torch.Tensor, batch: dict):
+        divisor = batch.get("loss_divisor")
+        loss = loss_sum / (count.clamp_min(1) if divisor is None else divisor)
+        return loss, {"loss_sum": loss_sum.detach().float(), "count": count.float()}
 
     def summarize(self, stats):
         loss = (stats["loss_sum"] / stats["count"].clamp_min(1)).item()

@@ -33,6 +33,10 @@ class Task(Protocol):
     def items_in(self, batch: dict[str, torch.Tensor]) -> int:
         """Tokens (LM) or samples (classification) in a batch, for throughput."""
 
+    # Optional, loss normalisation over the global batch (docs/training.md):
+    #   loss_terms(batch) -> int: the loss terms (label tokens) of a host-side batch. With it the trainer gives
+    #   every micro-batch batch["loss_divisor"] = (the step's terms over all micro-batches and dp ranks) /
+    #   (grad_accum · dp), and the task's loss must be its sum divided by that (LanguageModelingTask does).
     # Optional, for pipeline parallelism (pp > 1), where DeepSpeed computes the loss on the last stage from
     # (outputs, labels) only. Without them the labels are batch["labels"] and the loss is loss_from_logits.
     #   pipeline_labels(batch) -> Tensor | tuple[Tensor, ...]: what travels to the last stage as labels

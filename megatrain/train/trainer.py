@@ -184,12 +184,44 @@ class Trainer:
     def _pipeline_loss(self, logits, labels):
         if hasattr(self.task, "pipeline_loss"):  # labels as the task's pipeline_labels gave them (maybe a tuple)
             return self.task.pipeline_loss(logits, labels)
+        if isinstance(labels, (tuple, list)):  # (labels, loss_divisor): the step's normaliser rides along
+            labels, divisor = labels
+            return self.task.loss_from_logits(logits, {"labels": labels, "loss_divisor": divisor})[0]
         return self.task.loss_from_logits(logits, {"labels": labels})[0]
 
     # ---- data --------------------------------------------------------------------------------------
     def _micro_batch(self, indices: list[int], dataset) -> dict:
-        batch = default_collate([dataset[i] for i in indices])
+        return self._to_device(default_collate([dataset[i] for i in indices]))
+
+    def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _step_batches(self, indices: list[int], dataset) -> tuple[list[dict], float | None]:
+        """This rank's ``grad_accum`` micro-batches of the step, on the device, and the step's global loss-term
+        count (None when the task does not count its loss terms).
+
+        Loss normalisation: the step's loss is the mean over *every* label token of the global batch, not a mean
+        of per-micro-batch means (masked SFT micro-batches hold different token counts). Each micro-batch gets
+        ``loss_divisor`` = N / (grad_accum · dp), N the label tokens of the whole step summed over dp, counted on
+        the host batches before any forward; its loss is its CE sum / loss_divisor, so DeepSpeed's averaging
+        over accumulation (÷ grad_accum) and over dp (÷ dp) leaves Σ CE / N, under any layout."""
+        from megatrain.data.sampler import rank_slice
+        lay, dims = self.layout, self.dims
+        host = [default_collate([dataset[i] for i in rank_slice(indices, dp_rank=dims.dp_rank, dp_size=dims.dp,
+                                                                 micro_batch_size=lay.micro_batch_size,
+                                                                 micro_step=micro)])
+                for micro in range(lay.grad_accum)]
+        total = None
+        if hasattr(self.task, "loss_terms"):
+            count = torch.tensor([float(sum(self.task.loss_terms(b) for b in host))], dtype=torch.float64)
+            hc.all_reduce(count, group=dims.dp_group)  # over dp only: tp/pp peers hold the same rows
+            total = float(count.item())
+        batches = [self._to_device(b) for b in host]
+        if total is not None:
+            divisor = max(total, 1.0) / (lay.grad_accum * dims.dp)  # no label token anywhere: the loss is 0
+            for b in batches:
+                b["loss_divisor"] = divisor
+        return batches, total
 
     def _global_indices(self, step: int) -> list[int]:
         return self.sampler.indices_for_step(step)
@@ -218,8 +250,6 @@ class Trainer:
     # ---- loop --------------------------------------------------------------------------------------
     def train_step(self) -> tuple[dict[str, float], int]:
         """One optimizer step; returns (summed-and-summarised metrics, items processed globally)."""
-        from megatrain.data.sampler import rank_slice
-
         lay, dims, t = self.layout, self.dims, self.cfg.train
         torch.manual_seed(step_seed(t.seed, self.step, dims.dp_rank))
         indices = self._global_indices(self.step)
@@ -228,10 +258,8 @@ class Trainer:
             return self._pipeline_step(indices)
         totals: dict[str, torch.Tensor] = {}
         items = 0
-        for micro in range(lay.grad_accum):
-            mb = rank_slice(indices, dp_rank=dims.dp_rank, dp_size=dims.dp, micro_batch_size=lay.micro_batch_size,
-                            micro_step=micro)
-            batch = self._micro_batch(mb, self.train_data)
+        batches, _ = self._step_batches(indices, self.train_data)
+        for batch in batches:
             loss, stats = self.task.loss_and_stats(self.engine, batch)
             extra = penalty(self.model_for_penalty, l1=t.l1, l2=t.l2)
             self.engine.backward(loss if extra is None else loss + extra)
@@ -242,26 +270,31 @@ class Trainer:
         totals = self.guards.unfold(self._reduce(self.guards.fold(totals), dims.dp_group), spans_world=dims.tp == 1)
         return self.task.summarize(totals), items * dims.dp
 
-    def _rank_micro_batches(self, indices: list[int], dataset) -> list[tuple]:
-        from megatrain.data.sampler import rank_slice
-        lay, dims = self.layout, self.dims
+    def _rank_micro_batches(self, indices: list[int], dataset) -> tuple[list[tuple], float | None, int]:
+        """(inputs, labels) per micro-batch for DeepSpeed's pipeline, the step's global loss-term count (see
+        ``_step_batches``) and this rank's tokens. Packed rows send (input_ids, positions, segments) to the first
+        stage, which passes positions and segments on to every block (parallelize/pipeline.py); the loss divisor
+        travels to the last stage with the labels."""
+        batches, total = self._step_batches(indices, dataset)
         out = []
-        for micro in range(lay.grad_accum):
-            mb = rank_slice(indices, dp_rank=dims.dp_rank, dp_size=dims.dp, micro_batch_size=lay.micro_batch_size,
-                            micro_step=micro)
-            batch = self._micro_batch(mb, dataset)
-            labels = self.task.pipeline_labels(batch) if hasattr(self.task, "pipeline_labels") else batch["labels"]
-            out.append((batch["input_ids"], labels))
-        return out
+        for batch in batches:
+            if hasattr(self.task, "pipeline_labels"):
+                labels = self.task.pipeline_labels(batch)
+            elif "loss_divisor" in batch:
+                labels = (batch["labels"], torch.tensor(batch["loss_divisor"], dtype=torch.float32, device=self.device))
+            else:
+                labels = batch["labels"]
+            out.append((pipeline_inputs(batch), labels))
+        return out, total, sum(b["input_ids"].numel() for b in batches)
 
     def _pipeline_step(self, indices: list[int]) -> tuple[dict[str, float], int]:
-        """1F1B over this rank's micro-batches (DeepSpeed's engine); the mean loss comes back on every stage,
-        already averaged over data-parallel ranks."""
-        batches = self._rank_micro_batches(indices, self.train_data)
+        """1F1B over this rank's micro-batches (DeepSpeed's engine); the loss comes back on every stage, averaged
+        over micro-batches and data-parallel ranks — with the step's loss divisor, the global token mean."""
+        batches, total, tokens = self._rank_micro_batches(indices, self.train_data)
         loss = self.engine.train_batch(data_iter=iter(batches)).detach().float().cpu()
         self.guards.after_pipeline_step(loss)
-        tokens = sum(x.numel() for x, _ in batches) * self.dims.dp
-        count = torch.tensor(float(tokens))
+        tokens *= self.dims.dp
+        count = torch.tensor(float(tokens if total is None else total))
         return self.task.summarize({"loss_sum": loss * count, "count": count}), tokens
 
     @torch.no_grad()
@@ -307,16 +340,18 @@ class Trainer:
     def _pipeline_evaluate(self, dataset, n_batches: int) -> dict[str, float]:
         lay, dims = self.layout, self.dims
         per_pass = lay.grad_accum * lay.micro_batch_size * dims.dp
-        losses = []
+        losses, weights = [], []
         for b in range(max(1, n_batches // lay.grad_accum)):
             if (b + 1) * per_pass > len(dataset):
                 break
-            batches = self._rank_micro_batches(list(range(b * per_pass, (b + 1) * per_pass)), dataset)
-            losses.append(self.engine.eval_batch(data_iter=iter(batches)).detach().float().cpu())
+            batches, total, _ = self._rank_micro_batches(list(range(b * per_pass, (b + 1) * per_pass)), dataset)
+            loss = self.engine.eval_batch(data_iter=iter(batches)).detach().float().cpu()
+            weights.append(1.0 if total is None else total)  # each pass: its token mean, weighted by its tokens
+            losses.append(loss * weights[-1])
         self.engine.train()
         if not losses:
             return {}
-        count = torch.tensor(float(len(losses)))
+        count = torch.tensor(float(sum(weights)))
         return self.task.summarize({"loss_sum": torch.stack(losses).sum(), "count": count})
 
     def save(self) -> str | None:
@@ -450,6 +485,22 @@ class Trainer:
             if path:
                 logger.message(f"report: {path}")
         return last
+
+
+def pipeline_inputs(batch: dict):
+    """What the pipeline's first stage takes: input_ids (B, T), or for packed rows (input_ids, positions,
+    segments), each (B, T) int64 — integer tensors ride between stages without gradients (DeepSpeed sends
+    gradients back only for floating tensors). A batch with one of the two gets the other's default."""
+    ids = batch["input_ids"]
+    if "positions" not in batch and "segments" not in batch:
+        return ids
+    positions = batch.get("positions")
+    if positions is None:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
+    segments = batch.get("segments")
+    if segments is None:
+        segments = torch.zeros_like(ids)  # one document per row
+    return ids, positions, segments
 
 
 def run_dirs(cfg) -> dict[str, str]:
