@@ -204,9 +204,6 @@ class ModelConfig(Section):
         if self.lora.enabled and not self.is_transformer:
             raise ValueError(f"model.lora.rank={self.lora.rank} needs a Transformer (gpt2/llama), not "
                              f"model.arch={self.arch}; set model.lora.rank=0 or use train.freeze")
-        if self.lora.enabled and "gate_proj" in self.lora.targets and self.arch != "llama":
-            raise ValueError("model.lora.targets names gate_proj but model.arch=gpt2 has no gate projection; "
-                             "remove gate_proj")
         if self.rnn_width != self.hidden_size and self.tied:
             raise ValueError(f"model.rnn_hidden_size={self.rnn_hidden_size} differs from model.hidden_size="
                              f"{self.hidden_size} but model.tie_embeddings=true needs the LM head's input to be the "
@@ -348,6 +345,10 @@ class CheckpointConfig(Section):
     export_overwrite: bool = Field(
         False, description="Allow export_hf to point at a non-empty directory; only its model files (weights, "
                            "config.json, generation_config.json, tokenizer files) are replaced, others are kept.")
+    export_peft: Optional[str] = Field(
+        None, description="Write the LoRA adapters here at the end, as a PEFT adapter directory (adapter_config.json, "
+                          "adapter_model.safetensors) that peft.PeftModel.from_pretrained(hf_base, dir) loads; needs "
+                          "model.lora.rank>0. export_hf meanwhile writes the base with the adapters merged.")
     reset_optimizer: bool = Field(False, description="On resume, keep weights but start fresh optimizer state (continual).")
     reset_schedule: bool = Field(False, description="On resume, restart the LR schedule and step count (continual).")
     preempt_signals: list[Literal["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = Field(
@@ -484,6 +485,9 @@ class Config(Section):
         if self.seq_len > self.model.max_seq_len and self.model.arch == "gpt2":
             raise ValueError(f"data.seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                              "raise model.max_seq_len or lower data.seq_len")
+        if self.checkpoint.export_peft and not self.model.lora.enabled:
+            raise ValueError("checkpoint.export_peft is set but model.lora.rank=0 (no adapters to export); set "
+                             "model.lora.rank>0 or use checkpoint.export_hf")
         if self.train.schedule == "cosine" and self.train.min_lr > self.train.lr:
             raise ValueError(f"train.min_lr={self.train.min_lr} is above train.lr={self.train.lr}; lower min_lr")
         return self

@@ -27,13 +27,13 @@ MODEL_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetenso
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_export_target(path: str, *, overwrite: bool) -> None:
+def check_export_target(path: str, *, overwrite: bool, field: str = "checkpoint.export_hf") -> None:
     """Refuse a non-empty target unless overwriting was asked for (checked before training, and again at export)."""
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise CheckpointError(f"checkpoint.export_hf={path} is a non-empty directory; choose a new directory or set "
+        raise CheckpointError(f"{field}={path} is a non-empty directory; choose a new directory or set "
                               "--checkpoint.export_overwrite=true to replace only its model files")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint.export_hf={path} exists and is not a directory; choose another path")
+        raise CheckpointError(f"{field}={path} exists and is not a directory; choose another path")
 
 
 def tokenizer_files(source: str | None) -> dict[str, str]:

@@ -70,10 +70,9 @@ def save_peft_adapter(state: dict[str, torch.Tensor], cfg: ModelConfig, path: st
     """Write the adapters of ``state`` as a PEFT adapter directory at ``path``: written and fsynced in a temp
     directory beside it, then renamed (an existing adapter directory is replaced only with ``overwrite``)."""
     from safetensors.torch import save_file
+    from megatrain.interop.export import check_export_target
     path = os.path.abspath(path)
-    if os.path.exists(path) and not (os.path.isdir(path) and (overwrite or not os.listdir(path))):
-        raise CheckpointError(f"checkpoint.export_peft={path} exists and is not an empty directory; choose a new "
-                              "path or set --checkpoint.export_overwrite=true")
+    check_export_target(path, overwrite=overwrite, field="checkpoint.export_peft")
     tensors, config = peft_adapter(state, cfg)
     tmp = f"{path}.tmp-peft-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -157,8 +157,10 @@ def _projections(model: nn.Module, targets) -> list[nn.Module]:
         for proj in targets:
             owner = block.attn if proj in _ATTN else block.mlp
             module = getattr(owner, proj, None)
-            if module is not None:  # gate_proj is None outside llama (refused by the schema)
-                found.append(module)
+            if module is None:  # gate_proj outside llama (checked here: model.from_hf sets the arch after parsing)
+                raise ConfigError(f"model.lora.targets names {proj} but this {model.cfg.arch} model has none; "
+                                  f"remove {proj}")
+            found.append(module)
     return found
 
 

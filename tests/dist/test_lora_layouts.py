@@ -79,3 +79,28 @@ def test_resume_continues_the_curve(tiny_corpus, tmp_path, reference):
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(ref[step], rel=2e-5), step
 
+
+
+def test_finetune_from_hf_exports_peft_adapter_and_merged_model(tiny_corpus, tmp_path):
+    """One LoRA run from a Hugging Face llama: the PEFT adapter on that base and the merged export agree."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)).eval()
+    base.save_pretrained(tmp_path / "hf")
+    extra = {"model.from_hf": str(tmp_path / "hf"), "checkpoint.export_hf": str(tmp_path / "merged"),
+             "checkpoint.export_peft": str(tmp_path / "adapter"), "parallel.tp": 2, "data.tokenizer": tiny_corpus}
+    args = [a for a in tiny_overrides(tiny_corpus, tmp_path / "run", arch="llama", **(LORA | extra))
+            if not a.startswith(("--model.hidden_size", "--model.num_layers", "--model.num_heads",
+                                 "--model.num_kv_heads", "--model.ffn_hidden_size", "--model.norm_eps",
+                                 "--model.max_seq_len", "--model.arch"))]  # the sizes come from config.json
+    run_ranks(2, ["launch/finetune.py", *args], timeout=600)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        plain = base(ids).logits
+        adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(ids).logits
+        assert (adapted - plain).abs().max() > 1e-3  # training moved the adapters
+        torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-4)

@@ -88,8 +88,9 @@ def test_merged_state_gives_the_lora_logits(arch):
 
 
 def test_lora_config_errors():
-    with pytest.raises(ValueError, match="gate_proj"):
-        config("gpt2", rank=2, targets=["gate_proj"])
+    cfg = config("gpt2", rank=2, targets=["q_proj", "gate_proj"])
+    with pytest.raises(ConfigError, match="model.lora.targets names gate_proj but this gpt2 model has none"):
+        parallelize(build_model(cfg.model, meta=True), cfg, None)
     with pytest.raises(ValueError, match="targets is empty"):
         config(rank=2, targets=[])
     with pytest.raises(ValueError, match="needs a Transformer"):

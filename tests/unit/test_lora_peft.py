@@ -93,7 +93,7 @@ def test_existing_adapter_dir_needs_overwrite(tmp_path):
     model, cfg = lora_model(tmp_path / "hf", ["q_proj"])
     state = {k: v.detach() for k, v in model.state_dict().items()}
     save_peft_adapter(state, cfg.model, str(tmp_path / "a"))
-    with pytest.raises(CheckpointError, match="export_overwrite"):
+    with pytest.raises(CheckpointError, match="checkpoint.export_peft=.*export_overwrite"):
         save_peft_adapter(state, cfg.model, str(tmp_path / "a"))
     save_peft_adapter(state, cfg.model, str(tmp_path / "a"), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "hf"]  # no temp or old directory left
