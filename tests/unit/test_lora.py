@@ -126,3 +126,38 @@ def test_freeze_errors_are_one_line():
         freeze(["*"])
     with pytest.raises(ValueError, match="layers.<N"):
         freeze(["layers.<x"])
+
+
+def test_planner_counts_optimizer_state_for_trainable_parameters_only():
+    from megatrain.plan import plan_memory
+    cfg = config(rank=4, targets=["q_proj", "v_proj", "down_proj"])
+    model = parallelize(build_model(cfg.model, meta=True), cfg, None)
+    (row,) = plan_memory(cfg, world_size=1)
+    assert row.trainable == trainable_count(model) == 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4 + 4 * 128 + 64 * 4)
+    assert row.params == sum(p.numel() for p in model.parameters())  # untied llama: each tensor once
+    assert row.adam == 8 * row.trainable and row.grads == 4 * row.trainable
+    (full,) = plan_memory(config(), world_size=1)
+    assert full.adam == 8 * full.params and row.weights == 4 * row.params > full.weights
+    frozen = build_config({"model": TINY_MODELS["llama"] | {"vocab_size": 97},
+                           "train": {"freeze": ["embeddings", "layers.<1"]}})
+    (part,) = plan_memory(frozen, world_size=1)
+    model = parallelize(build_model(frozen.model, meta=True), frozen, None)
+    assert part.trainable == trainable_count(model) < part.params == full.params
+
+
+def test_activation_checkpointing_gives_the_same_adapter_gradients():
+    grads = []
+    ids = torch.randint(0, 97, (2, 16))
+    for mode in ("none", "every"):
+        cfg = config(rank=4, targets=["q_proj", "o_proj", "gate_proj", "down_proj"])
+        cfg.parallel.activation_checkpointing = mode
+        model = parallelize(build_model(cfg.model, meta=True), cfg, None).train()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        model(ids).float().pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
