@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatrain.config.schema import LoraConfig
+from megatrain.distributed import host_collectives as hc
 from megatrain.distributed.collectives import (copy_to_group, gather_for_group, reduce_from_group,
                                                reduce_scatter_to_group)
 from megatrain.distributed.tp_layers import ColumnParallelLinear, RowParallelLinear
@@ -138,7 +139,7 @@ def _adapt(module: nn.Module, lora: LoraConfig) -> list[nn.Parameter]:
     module.lora_dropout = nn.Dropout(lora.dropout)
     module.forward = forward(module, lora.scale)
     if isinstance(module, ColumnParallelLinear):
-        group, tp = module.group, torch.distributed.get_world_size(module.group)
+        group, tp = module.group, hc.world_size(module.group)
         mark_replicated_grads([module.lora_A], group, tp)  # every rank holds A; each sees only its B shard
         # DeepSpeed's grad norm: B like W (the first copy of a replicated kv head counts), A on tp rank 0 only
         module.lora_B.model_parallel = module.lora_B.tensor_model_parallel = getattr(module.weight, "model_parallel", True)
@@ -175,8 +176,7 @@ def apply_lora(model: nn.Module, lora: LoraConfig, *, seed: int) -> int:
     if not base.is_meta:
         from megatrain.parallelize.materialize import materialize_
         group = getattr(next(iter(model.layers)).attn.q_proj, "group", None)
-        tp_rank, tp = (torch.distributed.get_rank(group), torch.distributed.get_world_size(group)) \
-            if group is not None else (0, 1)
+        tp_rank, tp = (hc.rank(group), hc.world_size(group)) if group is not None else (0, 1)
         materialize_(model, LoraSource(None, seed=seed), tp_rank=tp_rank, tp_size=tp, device=base.device,
                      dtype=base.dtype, only=adapters)
     return len(adapters)

@@ -59,6 +59,23 @@ def test_one_process_trains_only_the_adapters(reference):
     assert optim and all(".lora_" in k for k in optim), optim[:4]  # moments for adapters only
 
 
+def test_a_lora_checkpoint_loads_as_the_merged_plain_model(reference):
+    from megatrain.config import build_config
+    from megatrain.models.build import build_model
+    from megatrain.parallelize import parallelize
+    from megatrain.parallelize.materialize import StateSource
+    from megatrain.weights import load_model
+    log_dir, _ = reference
+    plain, plain_cfg = load_model(str(log_dir / "checkpoints"))  # evaluate, generate, model.init_from read this
+    assert plain_cfg.lora.rank == 0 and not any("lora" in n for n, _ in plain.named_parameters())
+    cfg = build_config({"model": plain_cfg.model_dump() | {"lora": {"rank": 4, "alpha": 8.0,
+                                                                     "targets": LORA["model.lora.targets"]}}})
+    lora = parallelize(build_model(cfg.model, meta=True), cfg, None, source=StateSource(_weights(log_dir), "ckpt"))
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(ids), lora.eval()(ids), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", [{"parallel.tp": 2}, {"parallel.tp": 2, "parallel.sequence_parallel": True},
                                     {"parallel.pp": 2}, {"parallel.zero_stage": 3}],
                          ids=["tp2", "tp2sp", "pp2", "zero3dp2"])
@@ -104,3 +121,16 @@ def test_finetune_from_hf_exports_peft_adapter_and_merged_model(tiny_corpus, tmp
         adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(ids).logits
         assert (adapted - plain).abs().max() > 1e-3  # training moved the adapters
         torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_tied_pipeline_with_lora_and_freeze_trains(tiny_corpus, tmp_path):
+    """gpt2: the frozen tied token table on both end stages (its gradient all-reduce is skipped), adapters on
+    the stages' blocks, block 0 frozen altogether by train.freeze."""
+    extra = {"parallel.pp": 2, "model.lora.rank": 4, "model.lora.alpha": 8.0, "train.max_steps": 6,
+             "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.lr": 1e-2,
+             "train.freeze": ["layers.<1"], "checkpoint.save_final": True}
+    run_ranks(2, ["launch/pretrain.py", *tiny_overrides(tiny_corpus, tmp_path, arch="gpt2", **extra)], timeout=600)
+    losses = _losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1]
+    state = _weights(tmp_path)
+    assert not state["layers.0.attn.q_proj.lora_B"].any() and state["layers.1.attn.q_proj.lora_B"].abs().max() > 0
