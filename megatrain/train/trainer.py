@@ -117,7 +117,8 @@ class Trainer:
         from megatrain.ops.dispatch import policy_from_config
 
         t = self.cfg.train
-        groups = param_groups(model, t.weight_decay)
+        self._check_something_trains(model)
+        groups = param_groups(model, t.weight_decay)  # trainable parameters only: frozen ones get no optimizer state
         if t.optimizer == "adamw":
             opt = make_adamw(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
                              offload=self.cfg.parallel.offload_optimizer == "cpu",
@@ -130,6 +131,16 @@ class Trainer:
                                                      config=ds_config, mpu=mpu)
         self.guards.attach(engine)  # a step with non-finite gradients is never applied
         return engine, opt, sched
+
+    def _check_something_trains(self, model) -> None:
+        """Every rank must hold a trainable parameter (DeepSpeed cannot build an optimizer over none): with
+        model.lora / train.freeze a pipeline stage can end up fully frozen. All ranks agree before raising."""
+        idle = torch.tensor([0.0 if any(p.requires_grad for p in model.parameters()) else 1.0])
+        hc.all_reduce(idle, op="max")
+        if idle.item():
+            raise UserError(f"a pipeline stage has no trainable parameter (train.freeze={self.cfg.train.freeze}, "
+                            f"model.lora.rank={self.cfg.model.lora.rank} froze all of its layers); freeze fewer "
+                            "layers or use a smaller parallel.pp")
 
     def _old_validation(self):
         """eval.old_data: the validation split of the data a continued run was first trained on."""

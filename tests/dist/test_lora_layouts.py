@@ -123,14 +123,26 @@ def test_finetune_from_hf_exports_peft_adapter_and_merged_model(tiny_corpus, tmp
         torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-4)
 
 
+GPT2_PP = {"parallel.pp": 2, "model.num_layers": 3, "model.lora.rank": 4, "model.lora.alpha": 8.0,
+           "train.max_steps": 6, "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.lr": 1e-2,
+           "checkpoint.save_final": True}
+
+
 def test_gpt2_tied_pipeline_with_lora_and_freeze_trains(tiny_corpus, tmp_path):
     """gpt2: the frozen tied token table on both end stages (its gradient all-reduce is skipped), adapters on
     the stages' blocks, block 0 frozen altogether by train.freeze."""
-    extra = {"parallel.pp": 2, "model.lora.rank": 4, "model.lora.alpha": 8.0, "train.max_steps": 6,
-             "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.lr": 1e-2,
-             "train.freeze": ["layers.<1"], "checkpoint.save_final": True}
+    extra = GPT2_PP | {"train.freeze": ["layers.<1"]}
     run_ranks(2, ["launch/pretrain.py", *tiny_overrides(tiny_corpus, tmp_path, arch="gpt2", **extra)], timeout=600)
     losses = _losses(tmp_path)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1]
     state = _weights(tmp_path)
     assert not state["layers.0.attn.q_proj.lora_B"].any() and state["layers.1.attn.q_proj.lora_B"].abs().max() > 0
+
+
+def test_a_fully_frozen_pipeline_stage_is_one_line(tiny_corpus, tmp_path):
+    extra = GPT2_PP | {"model.num_layers": 2, "train.freeze": ["layers.<1"]}  # stage 0: tokens, block 0 only
+    results = run_ranks(2, ["launch/pretrain.py", *tiny_overrides(tiny_corpus, tmp_path, arch="gpt2", **extra)],
+                        timeout=300, check=False)
+    for r in results:
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "error: a pipeline stage has no trainable parameter" in r.stderr
