@@ -53,6 +53,8 @@ def _full_local(p, engine, key: str | None, *, stepped: bool = True) -> torch.Te
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     if key is not None and not stepped:
         return torch.zeros(local_shape(p))
+    if not p.requires_grad:  # frozen (LoRA base, train.freeze): no fp32 master, no optimizer state
+        return _frozen_value(p)
     value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
     if value is not None:
         return value.detach().float().cpu().reshape(local_shape(p))
@@ -60,6 +62,15 @@ def _full_local(p, engine, key: str | None, *, stepped: bool = True) -> torch.Te
         return p.detach().float().cpu()
     state = inner_optimizer(engine).state.get(p, {})
     return state[key].detach().float().cpu() if key in state else torch.zeros(local_shape(p))
+
+
+def _frozen_value(p) -> torch.Tensor:
+    """A frozen parameter's tp-local value: the module's own tensor (gathered over dp under ZeRO-3)."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().float().cpu().clone().reshape(local_shape(p))
+    return p.detach().float().cpu()
 
 
 def optimizer_step_count(engine) -> int:
@@ -81,7 +92,7 @@ def gather_state(engine, dims, *, with_optimizer: bool = True):
     for p in local_parameters(engine.module):
         value = gather_logical(_full_local(p, engine, None), p, tp_group, tp)
         moments = {}
-        for key in keys:
+        for key in keys if p.requires_grad else ():  # a frozen parameter has no optimizer state to save
             moments[key] = gather_logical(_full_local(p, engine, key, stepped=stepped), p, tp_group, tp)
         yield p, value, moments
 
@@ -124,6 +135,8 @@ def load_optimizer_state(engine, dims, source, *, step: int) -> None:
     inner = inner_optimizer(engine)
     keys = moment_keys(engine)
     for p in local_parameters(engine.module):
+        if not p.requires_grad:  # frozen: its value came with the weights, it has no master or moments
+            continue
         name = spec_of(p).logical_name
         master = shard_of(source.model.tensor(name).float(), p, tp_rank, tp).reshape(local_shape(p))
         safe_set_full_fp32_param(p, master.to(p.device))  # exact fp32 master under bf16/fp16 (no-op at ZeRO-0)

@@ -42,13 +42,22 @@ def config_reference() -> str:
              "an `optimizer` or `scheduler` block in it is refused, megatrain builds both). See "
              "`megatrain/config/preflight.py` and `tests/unit/test_bad_input_fuzz.py`.", ""]
     for section, field in Config.model_fields.items():
-        model: type[BaseModel] = field.annotation
         lines += [f"## `{section}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-        for name, f in model.model_fields.items():
-            default = f.default if f.default_factory is None else f.default_factory()
-            lines.append(f"| `{section}.{name}` | {_type_name(f.annotation)} | `{default!r}` | {f.description or ''} |")
+        lines += _rows(section, field.annotation)
         lines.append("")
     return "\n".join(lines)
+
+
+def _rows(prefix: str, model: type[BaseModel]) -> list[str]:
+    """One table row per field; a nested section (model.lora) gets a row per field of its own."""
+    rows = []
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            rows += _rows(f"{prefix}.{name}", f.annotation)
+            continue
+        default = f.default if f.default_factory is None else f.default_factory()
+        rows.append(f"| `{prefix}.{name}` | {_type_name(f.annotation)} | `{default!r}` | {f.description or ''} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ def check_outputs(cfg: Config) -> None:
     check_output_dir("log.dir", cfg.log.dir)
     check_output_dir("checkpoint.dir", cfg.checkpoint.dir)
     check_output_dir("checkpoint.export_hf", cfg.checkpoint.export_hf)
+    check_output_dir("checkpoint.export_peft", cfg.checkpoint.export_peft)
 
 
 def preflight(cfg: Config) -> int:

@@ -44,6 +44,36 @@ class Section(BaseModel):
         return value
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(Section):
+    rank: int = Field(0, ge=0, le=4096, description="LoRA rank r of every adapter; 0 = LoRA off (all parameters "
+                                                     "train, unless train.freeze says otherwise).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: the adapter's output is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input (the base path sees "
+                                                             "the input undropped).")
+    targets: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Projections of every block that get an adapter (module names: q_proj k_proj v_proj o_proj "
+                    "gate_proj up_proj down_proj; gate_proj exists in llama only). Every other parameter is frozen.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoraConfig":
+        if self.rank and not self.targets:
+            raise ValueError("model.lora.targets is empty with model.lora.rank>0; name at least one projection "
+                             "(e.g. [q_proj, v_proj]) or set rank: 0")
+        return self
+
+
 class ModelConfig(Section):
     arch: Literal["gpt2", "llama", "resnet", "lstm", "gru"] = Field(
         "gpt2", description="Architecture family: gpt2/llama (decoder Transformers), resnet (CNN), lstm/gru (RNN).")
@@ -105,6 +135,8 @@ class ModelConfig(Section):
     bidirectional: bool = Field(False, description="Bidirectional RNN (classification only).")
     task: Literal["language_modeling", "classification"] = Field(
         "language_modeling", description="Loss/metric head: next-token LM or sequence/image classification.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Low-rank adapters on the block projections "
+                                                                      "(docs/finetuning.md).")
 
     @property
     def is_transformer(self) -> bool:
@@ -169,6 +201,9 @@ class ModelConfig(Section):
                                               or any(w <= 0 for w in self.inner_widths)):
             raise ValueError(f"model.inner_widths={self.inner_widths} needs one positive width per stage of "
                              f"model.widths={self.widths}; fix it or leave it unset")
+        if self.lora.enabled and not self.is_transformer:
+            raise ValueError(f"model.lora.rank={self.lora.rank} needs a Transformer (gpt2/llama), not "
+                             f"model.arch={self.arch}; set model.lora.rank=0 or use train.freeze")
         if self.rnn_width != self.hidden_size and self.tied:
             raise ValueError(f"model.rnn_hidden_size={self.rnn_hidden_size} differs from model.hidden_size="
                              f"{self.hidden_size} but model.tie_embeddings=true needs the LM head's input to be the "
@@ -291,6 +326,22 @@ class TrainConfig(Section):
                             "line naming the step (exit 2).")
     max_nonfinite_skips: int = Field(3, ge=0, description="Consecutive non-finite steps skipped (or rolled back) "
                                                           "before the run stops.")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Parameters that do not train (no gradient, no optimizer state): glob patterns over the "
+                    "parameter names of the plain model (e.g. 'layers.0.*', '*.attn_norm.*'), 'embeddings' (token "
+                    "and position tables; with tied embeddings the LM head too) and 'layers.<N' (blocks 0..N-1). "
+                    "A pattern that matches no parameter is an error. docs/finetuning.md.")
+
+    @field_validator("freeze")
+    @classmethod
+    def _check_freeze(cls, patterns: list[str]) -> list[str]:
+        for pat in patterns:
+            if pat.startswith("layers.<") and not pat[len("layers.<"):].isdigit():
+                raise ValueError(f"train.freeze: {pat!r} is not 'layers.<N' with a whole number N (e.g. 'layers.<4')")
+            if not pat.strip():
+                raise ValueError("train.freeze holds an empty pattern; remove it")
+        return patterns
 
 
 class CheckpointConfig(Section):
@@ -307,6 +358,10 @@ class CheckpointConfig(Section):
     export_overwrite: bool = Field(
         False, description="Allow export_hf to point at a non-empty directory; only its model files (weights, "
                            "config.json, generation_config.json, tokenizer files) are replaced, others are kept.")
+    export_peft: Optional[str] = Field(
+        None, description="Write the LoRA adapters here at the end, as a PEFT adapter directory (adapter_config.json, "
+                          "adapter_model.safetensors) that peft.PeftModel.from_pretrained(hf_base, dir) loads; needs "
+                          "model.lora.rank>0. export_hf meanwhile writes the base with the adapters merged.")
     reset_optimizer: bool = Field(False, description="On resume, keep weights but start fresh optimizer state (continual).")
     reset_schedule: bool = Field(False, description="On resume, restart the LR schedule and step count (continual).")
     preempt_signals: list[Literal["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = Field(
@@ -443,6 +498,9 @@ class Config(Section):
         if self.seq_len > self.model.max_seq_len and self.model.arch == "gpt2":
             raise ValueError(f"data.seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                              "raise model.max_seq_len or lower data.seq_len")
+        if self.checkpoint.export_peft and not self.model.lora.enabled:
+            raise ValueError("checkpoint.export_peft is set but model.lora.rank=0 (no adapters to export); set "
+                             "model.lora.rank>0 or use checkpoint.export_hf")
         if self.train.schedule == "cosine" and self.train.min_lr > self.train.lr:
             raise ValueError(f"train.min_lr={self.train.min_lr} is above train.lr={self.train.lr}; lower min_lr")
         return self

@@ -19,6 +19,7 @@ from megatrain.config.schema import ModelConfig
 from megatrain.errors import CheckpointError
 from megatrain.fsutil import fsync_dir
 from megatrain.interop.hf_maps import hf_config_from_model, to_hf_state
+from megatrain.parallelize.lora import merge_lora_state
 
 SHARD_BYTES = 2 * 1024**3  # split exported weights into files of at most this size, like transformers
 MODEL_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "config.json",
@@ -26,13 +27,13 @@ MODEL_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetenso
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_export_target(path: str, *, overwrite: bool) -> None:
+def check_export_target(path: str, *, overwrite: bool, field: str = "checkpoint.export_hf") -> None:
     """Refuse a non-empty target unless overwriting was asked for (checked before training, and again at export)."""
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise CheckpointError(f"checkpoint.export_hf={path} is a non-empty directory; choose a new directory or set "
+        raise CheckpointError(f"{field}={path} is a non-empty directory; choose a new directory or set "
                               "--checkpoint.export_overwrite=true to replace only its model files")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint.export_hf={path} exists and is not a directory; choose another path")
+        raise CheckpointError(f"{field}={path} exists and is not a directory; choose another path")
 
 
 def tokenizer_files(source: str | None) -> dict[str, str]:
@@ -93,7 +94,8 @@ def _write_json(path: str, obj: dict) -> None:
 def save_state_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str, *,
                           max_shard_bytes: int = SHARD_BYTES, dtype: str | None = None, overwrite: bool = False,
                           tokenizer: str | None = None) -> str:
-    """Write a full megatrain state dict as an HF directory at ``path``.
+    """Write a full megatrain state dict as an HF directory at ``path``; LoRA adapters are merged into their
+    base weights.
 
     ``dtype``: float32 | bfloat16 | float16; None = the source's (``model.hf_dtype``), else float32.
     ``tokenizer``: where the tokenizer files come from (a prepared data dir, an HF tokenizer dir, a .model)."""
@@ -103,6 +105,7 @@ def save_state_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, path
     dtype = dtype or cfg.hf_dtype or "float32"
     if dtype not in DTYPES:
         raise CheckpointError(f"checkpoint.export_dtype={dtype} is not one of {', '.join(DTYPES)}")
+    state = merge_lora_state(state, cfg.lora)  # a LoRA model exports as its base with W + (alpha/r)·B A
     if cfg.tied and "head.lm_head.weight" not in state:
         state = {**state, "head.lm_head.weight": state["embed.wte.weight"]}
     hf_state = {k: v.to(DTYPES[dtype]) for k, v in to_hf_state(state, cfg).items()}

@@ -8,6 +8,7 @@ from megatrain.ops.dispatch import policy_from_config
 from megatrain.ops.kernels import Kernels, use_kernels
 from megatrain.config.schema import Config
 from megatrain.parallelize.activation_checkpointing import apply_activation_checkpointing
+from megatrain.parallelize.lora import LoraSource, apply_freeze, apply_lora
 from megatrain.parallelize.materialize import InitSource, load_buffers_, materialize_, placeholders_
 from megatrain.parallelize.param_spec import tag_logical_names
 from megatrain.parallelize.sequence_parallel import register_sequence_parallel_hooks
@@ -20,6 +21,8 @@ def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None, source=Non
     1. kernels: every module that calls ops gets the run's Kernels (the KernelPolicy of model.kernels /
        kernel_overrides), passed in rather than set process-wide;
     2. tensor (+ sequence) parallel over dims.tp_group — on meta tensors when the model was built on meta;
+    2b. LoRA adapters (model.lora, sharded like their base layers; the base frozen) and train.freeze, on the
+       whole model so every pattern is checked against every name;
     3. activation checkpointing of the blocks (per block, so it holds inside pipeline stages too);
     4. pipeline split over dims (DeepSpeed PipelineModule, computing ``loss_fn`` on the last stage) when pp > 1;
     5. materialisation of the parameters this rank keeps, from ``source`` (a checkpoint, a saved model dir or a
@@ -32,6 +35,10 @@ def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None, source=Non
     if dims is not None and dims.tp > 1:
         from megatrain.parallelize.tensor_parallel import apply_tensor_parallel
         apply_tensor_parallel(model, cfg, dims)
+    lora = cfg.model.lora
+    if lora.enabled:
+        apply_lora(model, lora, seed=cfg.train.seed)
+    apply_freeze(model, cfg.train.freeze)
     blocks = getattr(model, "layers", None)
     if blocks is not None:
         apply_activation_checkpointing(blocks, mode=cfg.parallel.activation_checkpointing,
@@ -40,6 +47,8 @@ def parallelize(model: nn.Module, cfg: Config, dims, *, loss_fn=None, source=Non
     overwrite = source is not None and not on_meta
     if on_meta or source is not None:
         source = source or InitSource(seed=cfg.train.seed, std=cfg.model.init_std, num_layers=cfg.model.num_layers)
+        if lora.enabled:
+            source = LoraSource(source, seed=cfg.train.seed)  # the adapters: from a LoRA checkpoint, else fresh
     tp_rank, tp_size = (dims.tp_rank, dims.tp) if dims is not None else (0, 1)
     fill = dict(tp_rank=tp_rank, tp_size=tp_size, device=device or torch.device("cpu"), overwrite=overwrite)
     if dims is not None and dims.pp > 1:

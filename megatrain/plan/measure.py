@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     t = Trainer(cfg, local_rank=local_rank)
     out = {"rank": t.rank, "tp_rank": t.dims.tp_rank, "pp_rank": t.dims.pp_rank, "dp_rank": t.dims.dp_rank,
            "local_params": sum(p.numel() for p in t.engine.module.parameters()),
+           "local_trainable": sum(p.numel() for p in t.engine.module.parameters() if p.requires_grad),
            "init": live_tensor_bytes(dev) - base}
     if t.pipelined:  # DeepSpeed's pipeline engine runs forward and backward inside train_batch
         t.train_step()
     else:
-        last_grad = next(t.engine.module.parameters())  # the token table: its gradient arrives last
+        # the first trainable parameter (the token table; with LoRA block 0's first adapter): its gradient arrives last
+        last_grad = next(p for p in t.engine.module.parameters() if p.requires_grad)
         for step in range(2):
             mb = rank_slice(t._global_indices(step), dp_rank=t.dims.dp_rank, dp_size=t.dims.dp,
                             micro_batch_size=t.layout.micro_batch_size, micro_step=0)

@@ -5,9 +5,12 @@ docs/parallelism.md), with ψ = the parameters a rank holds (``params.stage_para
 (bf16/fp16), and dz = dp under ZeRO ≥ 1 (1 without ZeRO):
 
   weights   w·ψ (ZeRO-3: w·ψ/dp, plus the gathered working set, min(ψ, stage3_max_live_parameters)·w, in forward)
-  master    4·ψ/dz: DeepSpeed's fp32 copy, kept from ZeRO-1 on even in fp32, and always in bf16/fp16
-  Adam      8·ψ/dz (m and v)
-  grads     w·ψ without ZeRO, w·ψ/dp with it
+  master    4·ψt/dz: DeepSpeed's fp32 copy, kept from ZeRO-1 on even in fp32, and always in bf16/fp16
+  Adam      8·ψt/dz (m and v)
+  grads     w·ψt without ZeRO, w·ψt/dp with it
+
+where ψt ≤ ψ are the trainable parameters: all of them, or with model.lora only the adapters and with
+train.freeze all but the frozen ones (the optimizer gets only parameters with requires_grad).
   bucket    reduce_bucket_size·w (5·10⁸ elements by default, whatever the model): ZeRO-1/2 during each
             backward, ZeRO-3 from setup on
 
@@ -35,6 +38,7 @@ class StageMemory:
     stage: int
     blocks: int
     params: int  # ψ on one rank of this stage
+    trainable: int  # ψt: of those, the parameters with gradients and optimizer state
     weights: float  # bytes
     master: float
     adam: float
@@ -76,10 +80,10 @@ def plan_memory(cfg: Config, *, world_size: int) -> list[StageMemory]:
                            dtype=torch.float32 if t.precision == "fp32" else torch.bfloat16,
                            repeat_kv=m.kernel_overrides.get("attention", m.kernels) == "torch")
     rows = []
-    for sp in stage_params(m, tp=lay.tp, pp=lay.pp, partition=par.pipeline_partition):
-        psi = sp.numel
-        master = 4 * psi / dz if (z >= 1 or t.precision != "fp32") else 0.0
-        adam = 8 * psi / dz
+    for sp in stage_params(m, tp=lay.tp, pp=lay.pp, partition=par.pipeline_partition, freeze=t.freeze):
+        psi, psi_t = sp.numel, sp.trainable
+        master = 4 * psi_t / dz if (z >= 1 or t.precision != "fp32") else 0.0
+        adam = 8 * psi_t / dz
         blocks = sp.blocks
         if par.activation_checkpointing == "every":
             per_mb = blocks * act.checkpointed_block + (act.per_block if blocks else 0)
@@ -91,9 +95,9 @@ def plan_memory(cfg: Config, *, world_size: int) -> list[StageMemory]:
         per_mb += (act.embed if "tokens" in sp.layers[:1] else 0) + (act.head if "lm head" in sp.layers else 0)
         in_flight = min(lay.pp - sp.stage, lay.grad_accum) if lay.pp > 1 else 1
         rows.append(StageMemory(
-            stage=sp.stage, blocks=blocks, params=psi,
+            stage=sp.stage, blocks=blocks, params=psi, trainable=psi_t,
             weights=w * psi / (dp if z == 3 else 1), master=0.0 if offload else master, adam=0.0 if offload else adam,
-            grads=w * psi / (dp if z >= 1 else 1), bucket=bucket_elems * w if z >= 1 else 0.0,
+            grads=w * psi_t / (dp if z >= 1 else 1), bucket=bucket_elems * w if z >= 1 else 0.0,
             gathered=min(psi, max_live) * w if z == 3 else 0.0, activations=per_mb * in_flight, in_flight=in_flight,
             reserved=cfg.plan.reserved_gib * GIB, host=(master + adam) if offload else 0.0))
     return rows

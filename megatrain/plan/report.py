@@ -23,7 +23,8 @@ def stage_table(rows: list[StageMemory]) -> str:
     lines = [head]
     for r in rows:
         g = [f"{x / GIB:.2f}" for x in (r.weights, r.master, r.adam, r.grads, r.bucket + r.gathered)]
-        lines.append(f"| {r.stage} | {r.blocks} | {r.params:,} | " + " | ".join(g) +
+        trains = "" if r.trainable == r.params else f" ({r.trainable:,} train)"
+        lines.append(f"| {r.stage} | {r.blocks} | {r.params:,}{trains} | " + " | ".join(g) +
                      f" | {r.activations / GIB:.2f} ({r.in_flight} in flight) | {r.reserved / GIB:.2f} | "
                      f"**{r.peak / GIB:.2f}** |")
     if any(r.host for r in rows):

@@ -13,8 +13,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
+    groups = [{"params": decay, "weight_decay": weight_decay}] if decay or not no_decay else []
+    if no_decay:  # (only norms/biases train under train.freeze: DeepSpeed takes no empty group)
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
 

@@ -41,6 +41,10 @@ class Trainer:
         if cfg.checkpoint.export_hf:  # a non-empty target is refused now, not after the training it would end
             from megatrain.interop.export import check_export_target
             check_export_target(cfg.checkpoint.export_hf, overwrite=cfg.checkpoint.export_overwrite)
+        if cfg.checkpoint.export_peft:
+            from megatrain.interop.export import check_export_target
+            check_export_target(cfg.checkpoint.export_peft, overwrite=cfg.checkpoint.export_overwrite,
+                                field="checkpoint.export_peft")
         launch = launch or bootstrap(cfg, local_rank)
         self.rank, self.world = launch.rank, launch.world
         self.layout, self.dims = launch.layout, launch.dims
@@ -113,7 +117,8 @@ class Trainer:
         from megatrain.ops.dispatch import policy_from_config
 
         t = self.cfg.train
-        groups = param_groups(model, t.weight_decay)
+        self._check_something_trains(model)
+        groups = param_groups(model, t.weight_decay)  # trainable parameters only: frozen ones get no optimizer state
         if t.optimizer == "adamw":
             opt = make_adamw(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
                              offload=self.cfg.parallel.offload_optimizer == "cpu",
@@ -126,6 +131,16 @@ class Trainer:
                                                      config=ds_config, mpu=mpu)
         self.guards.attach(engine)  # a step with non-finite gradients is never applied
         return engine, opt, sched
+
+    def _check_something_trains(self, model) -> None:
+        """Every rank must hold a trainable parameter (DeepSpeed cannot build an optimizer over none): with
+        model.lora / train.freeze a pipeline stage can end up fully frozen. All ranks agree before raising."""
+        idle = torch.tensor([0.0 if any(p.requires_grad for p in model.parameters()) else 1.0])
+        hc.all_reduce(idle, op="max")
+        if idle.item():
+            raise UserError(f"a pipeline stage has no trainable parameter (train.freeze={self.cfg.train.freeze}, "
+                            f"model.lora.rank={self.cfg.model.lora.rank} froze all of its layers); freeze fewer "
+                            "layers or use a smaller parallel.pp")
 
     def _old_validation(self):
         """eval.old_data: the validation split of the data a continued run was first trained on."""
@@ -415,6 +430,17 @@ class Trainer:
             print(f"exported Hugging Face model: {out}", flush=True)
         hc.barrier()
 
+    def export_peft(self, step_dir: str) -> None:
+        """Write the LoRA adapters of the checkpoint at ``step_dir`` as a PEFT adapter directory (rank 0)."""
+        if self.rank == 0:
+            from megatrain.checkpoint.layout_free import load_model_state
+            from megatrain.interop.peft import save_peft_adapter
+            cfg, state = load_model_state(step_dir)
+            ck = self.cfg.checkpoint
+            out = save_peft_adapter(state, cfg.model, ck.export_peft, overwrite=ck.export_overwrite)
+            print(f"exported PEFT adapter: {out}", flush=True)
+        hc.barrier()
+
     def run(self) -> dict[str, float]:
         cfg = self.cfg
         logger = RunLogger(cfg.log.dir, total_steps=cfg.train.max_steps, start_step=self.step,
@@ -424,7 +450,10 @@ class Trainer:
             os.makedirs(cfg.log.dir, exist_ok=True)
             atomic_write_text(os.path.join(cfg.log.dir, "config.yaml"), dump_config(cfg))
         n_params = sum(p.numel() for p in self.model_for_penalty.parameters())
-        logger.message(f"megatrain: {cfg.model.arch} {n_params / 1e6:.2f}M params/rank | {self.layout.describe()} | "
+        from megatrain.parallelize.lora import trainable_count
+        n_train = trainable_count(self.model_for_penalty)
+        trainable = "" if n_train == n_params else f" ({n_train / 1e6:.3f}M trainable)"
+        logger.message(f"megatrain: {cfg.model.arch} {n_params / 1e6:.2f}M params/rank{trainable} | {self.layout.describe()} | "
                        f"zero={cfg.parallel.zero_stage} precision={cfg.train.precision} device={self.device.type}"
                        + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
         last: dict[str, float] = {}
@@ -470,11 +499,15 @@ class Trainer:
                 return last
             saved = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
             final_dir = None
-            if (cfg.checkpoint.save_final or cfg.checkpoint.export_hf) and (self.step > first_step or self.resume is None) \
+            exporting = cfg.checkpoint.export_hf or cfg.checkpoint.export_peft
+            if (cfg.checkpoint.save_final or exporting) and (self.step > first_step or self.resume is None) \
                     and not saved:
                 final_dir = self.save()
+            final_dir = final_dir or os.path.join(self.ckpt_dir, f"step_{self.step:08d}")
             if cfg.checkpoint.export_hf:
-                self.export_hf(final_dir or os.path.join(self.ckpt_dir, f"step_{self.step:08d}"))
+                self.export_hf(final_dir)
+            if cfg.checkpoint.export_peft:
+                self.export_peft(final_dir)
         finally:
             logger.close()
             self.watchdog.close()

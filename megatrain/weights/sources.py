@@ -110,6 +110,10 @@ def load_model_state(path: str) -> tuple[ModelConfig, dict]:
         if cfg.model.tied:
             head, embed = tied_keys(cfg.model)
             state.setdefault(head, state[embed])
+        if cfg.model.lora.enabled:  # a LoRA run's weights are its base with the adapters merged (a plain model)
+            from megatrain.config.schema import LoraConfig
+            from megatrain.parallelize.lora import merge_lora_state
+            return cfg.model.model_copy(update={"lora": LoraConfig()}), merge_lora_state(state, cfg.model.lora)
         return cfg.model, state
     return _from_deepspeed(step)
 
