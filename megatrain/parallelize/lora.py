@@ -34,6 +34,7 @@ from megatrain.distributed import host_collectives as hc
 from megatrain.distributed.collectives import (copy_to_group, gather_for_group, reduce_from_group,
                                                reduce_scatter_to_group)
 from megatrain.distributed.tp_layers import ColumnParallelLinear, RowParallelLinear
+from megatrain.parallelize.tensor_parallel import ReplicatedKVProjection
 from megatrain.errors import ConfigError
 from megatrain.parallelize.param_spec import SPEC_ATTR, ParamSpec, spec_of
 from megatrain.parallelize.sequence_parallel import mark_replicated_grads, mark_sequence_parallel_grads
@@ -93,6 +94,15 @@ def _column_forward(m: ColumnParallelLinear, scale: float):
     return forward
 
 
+def _replicated_kv_forward(m: ReplicatedKVProjection, scale: float):
+    def forward(x):  # as the base: (B, T, in) | (B, T/tp, in) under sp -> (B, T, q_heads/tp * D)
+        x, rows = m.gather_input(x), m.rows
+        h = F.linear(m.lora_dropout(x), m.lora_A)  # (B, T, r)
+        y = F.linear(x, m.weight[rows], None if m.bias is None else m.bias[rows])
+        return m.expand_heads(y + scale * F.linear(h, m.lora_B[rows]))  # B's rows of the kv heads used here
+    return forward
+
+
 def _row_forward(m: RowParallelLinear, scale: float):
     def forward(x):  # (B, T, in/tp) -> (B, T, out) | (B, T/tp, out) under sp
         out = m.weight.shape[0]
@@ -131,6 +141,9 @@ def _adapt(module: nn.Module, lora: LoraConfig) -> list[nn.Parameter]:
         a_spec = ParamSpec(a_spec.logical_name, a_spec.logical_shape, tp_dim=1)
         a_local, b_local = (r, module.weight.shape[1]), (out, r)
         forward = _row_forward
+    elif isinstance(module, ReplicatedKVProjection):  # k/v kept whole under tp: so are both adapters
+        a_local, b_local = (r, inp), (out, r)
+        forward = _replicated_kv_forward
     else:
         a_local, b_local = (r, inp), (out, r)
         forward = _plain_forward
@@ -145,6 +158,9 @@ def _adapt(module: nn.Module, lora: LoraConfig) -> list[nn.Parameter]:
         module.lora_B.model_parallel = module.lora_B.tensor_model_parallel = getattr(module.weight, "model_parallel", True)
         if base.tp_replicas > 1:
             mark_replicated_grads([module.lora_B], group, base.tp_replicas)
+    elif isinstance(module, ReplicatedKVProjection):
+        # each rank's gradients cover its own query heads' use of the shared kv heads, as for the base weight
+        mark_replicated_grads([module.lora_A, module.lora_B], module.group, hc.world_size(module.group))
     elif isinstance(module, RowParallelLinear):
         module.lora_A.model_parallel = module.lora_A.tensor_model_parallel = True
         if module.sequence_parallel:

@@ -94,14 +94,23 @@ class ReplicatedKVProjection(nn.Module):
         self.uses = tuple((h - self.first, sum(1 for q in mine if q // group_size == h))
                           for h in range(self.first, last + 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_for_group(x, self.group, dim=1) if self.sequence_parallel else copy_to_group(x, self.group)
-        d, k = self.head_dim, len(self.uses)
-        rows = slice(self.first * d, (self.first + k) * d)  # only the kv heads this rank's queries use
-        y = F.linear(x, self.weight[rows], None if self.bias is None else self.bias[rows])  # (B, T, k*D)
-        y = y.unflatten(-1, (k, d))  # (B, T, k, D)
+    @property
+    def rows(self) -> slice:
+        """Output rows of the whole weight that this rank computes: the kv heads its queries use."""
+        return slice(self.first * self.head_dim, (self.first + len(self.uses)) * self.head_dim)
+
+    def gather_input(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_for_group(x, self.group, dim=1) if self.sequence_parallel else copy_to_group(x, self.group)
+
+    def expand_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, T, k*D) for the k kv heads in ``rows`` -> (B, T, q_heads/tp * D): query head i's kv head at slot i."""
+        y = y.unflatten(-1, (len(self.uses), self.head_dim))  # (B, T, k, D)
         heads = [y[:, :, h:h + 1].expand(-1, -1, count, -1) for h, count in self.uses]
-        return torch.cat(heads, dim=2).flatten(2)  # (B, T, q_heads/tp * D): query head i's kv head at slot i
+        return torch.cat(heads, dim=2).flatten(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, rows = self.gather_input(x), self.rows
+        return self.expand_heads(F.linear(x, self.weight[rows], None if self.bias is None else self.bias[rows]))
 
     def extra_repr(self) -> str:
         return f"kv heads {self.first}..{self.first + len(self.uses) - 1} used {[c for _, c in self.uses]} times"

@@ -80,3 +80,19 @@ def test_planner_counts_whole_kv_weights(tiny_corpus, tmp_path):
     (stage,) = stage_params(model, tp=2, pp=1)
     for r in ranks:
         assert r["local_params"] == stage.numel, r
+
+
+def test_lora_on_whole_kv_projections_matches_one_process(tiny_corpus, tmp_path):
+    """LoRA adapters on k/v projections that tp keeps whole: both adapters whole too, their gradients summed
+    over tp like the base weight's; the losses and trained adapters equal one process's."""
+    from tests.conftest import assert_same_trained_weights
+    from megatrain.checkpoint.layout_free import load_model_state
+    lora = {"model.lora.rank": 4, "model.lora.alpha": 8.0, "train.lr": 1e-2, "train.max_steps": 4,
+            "model.lora.targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "checkpoint.save_final": True}
+    ref = _run(tiny_corpus, tmp_path / "one", tp=1, **lora)
+    got = _run(tiny_corpus, tmp_path / "tp2", tp=2, **lora)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=2e-5), step
+    ours, theirs = (load_model_state(str(tmp_path / d / "checkpoints"))[1] for d in ("tp2", "one"))
+    assert_same_trained_weights(ours, theirs, lr=1e-2)
