@@ -101,21 +101,42 @@ def load_for_inference(path: str, *, device: str | torch.device | None = None,
     return LoadedModel(model, model_cfg, tok, kind, path, config)
 
 
+def _step(path: str) -> str:
+    from megatrain.weights.sources import _step_dir
+    step = _step_dir(path)
+    if step is None:
+        raise CheckpointError(f"{path}: no checkpoint in it (no manifest.json, megatrain.json or latest); did the "
+                              "run save one (checkpoint.save_final=true)?")
+    return step
+
+
+def checkpoint_config(path: str) -> Config:
+    """The whole Config a megatrain checkpoint (run dir, checkpoints dir or step dir) was saved with."""
+    from megatrain.config import build_config
+    step = _step(path)
+    if os.path.isfile(os.path.join(step, "manifest.json")):
+        from megatrain.checkpoint.store import read_manifest
+        doc = read_manifest(step)
+        where = os.path.join(step, "manifest.json")
+    else:
+        from megatrain.safe_io import read_json
+        where = os.path.join(step, "megatrain.json")
+        doc = read_json(where, what="checkpoint metadata", fix="was it saved by megatrain?", error=CheckpointError)
+    if not isinstance(doc.get("config"), dict):
+        raise CheckpointError(f"checkpoint metadata {where}: no 'config' object; was it saved by megatrain?")
+    return build_config(doc["config"])
+
+
 def _checkpoint(path: str):
     """(Config, ModelConfig, tensor source or None, full state or None) of a megatrain checkpoint."""
-    from megatrain.config import build_config
-    from megatrain.weights.sources import _step_dir, load_model_state
-    step = _step_dir(path)
+    step = _step(path)
+    config = checkpoint_config(step)
     if os.path.isfile(os.path.join(step, "manifest.json")):  # layout-free: read one tensor at a time
         from megatrain.checkpoint.store import CheckpointSource, read_manifest
-        manifest = read_manifest(step)
-        config = build_config(manifest["config"])
-        return config, config.model, CheckpointSource(step, manifest, prefix="model", verify=True), None
-    from megatrain.safe_io import read_json
-    meta = read_json(os.path.join(step, "megatrain.json"), what="checkpoint metadata",
-                     fix="was it saved by megatrain?", error=CheckpointError)
+        source = CheckpointSource(step, read_manifest(step), prefix="model", verify=True)
+        return config, config.model, source, None
+    from megatrain.weights.sources import load_model_state
     model_cfg, state = load_model_state(step)  # older DeepSpeed layout: tp=1 model states, tensors only
-    config = build_config(meta["config"]) if isinstance(meta.get("config"), dict) else None
     return config, model_cfg, None, state
 
 
@@ -123,7 +144,8 @@ def _build(model_cfg: ModelConfig, source, state: dict | None, *, device, dtype,
     from megatrain.weights.sources import build_plain, tied_keys
     if not model_cfg.is_transformer:  # ResNet / RNN: small, built for real and loaded strictly (buffers too)
         if state is None:
-            state = {name: source.tensor(name) for name in source.where}
+            from megatrain.weights.sources import load_model_state
+            _, state = load_model_state(origin)  # restores a tied head the checkpoint stores once
         return build_plain(model_cfg, state).to(device=device, dtype=dtype).eval()
     from megatrain.models.build import build_model
     from megatrain.parallelize.materialize import StateSource, materialize_
@@ -175,8 +197,8 @@ def tokenizer_location(kind: str, path: str, config: Config | None = None) -> st
             src = doc.get(key)
             if isinstance(src, str) and os.path.isdir(src):
                 try:
-                    return tokenizer_location(model_kind(src), src, _checkpoint(src)[0]
-                                              if model_kind(src) == "checkpoint" else None)
+                    kind = model_kind(src)
+                    return tokenizer_location(kind, src, checkpoint_config(src) if kind == "checkpoint" else None)
                 except UserError:
                     return None
     return None
