@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8, help="prompts per batch")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and compute dtype")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own); 1 is "
+                   "fastest for small models on a busy machine")
     return p
 
 
@@ -55,6 +57,11 @@ def run(args) -> list[dict]:
     rows = [{"prompt": p} for p in args.prompt] + (read_prompts_jsonl(args.prompts) if args.prompts else [])
     if not rows:
         raise ConfigError("no prompts; pass --prompt TEXT (repeatable) or --prompts FILE.jsonl")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads={args.threads}: must be at least 1")
+        import torch
+        torch.set_num_threads(args.threads)
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size={args.batch_size}: must be at least 1")
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

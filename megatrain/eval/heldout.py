@@ -55,8 +55,9 @@ def evaluate_lm_model(cfg, path: str, *, log=print) -> dict:
     micro = cfg.train.micro_batch_size if _given(cfg.train, "micro_batch_size") or own is None else \
         own.train.micro_batch_size
     # its own validation split: as many batches as the trainer's validation (the same number comes out)
+    own_split = own is not None and split == "val" and os.path.abspath(data_path) == os.path.abspath(own.data.path)
     batches = cfg.train.eval_batches if _given(cfg.train, "eval_batches") else (
-        own.train.eval_batches if own is not None and not _given(cfg.data, "path") else 0)
+        own.train.eval_batches if own_split else 0)
 
     base = own if own is not None else cfg
     task_cfg = base.model_copy(update={
@@ -68,9 +69,12 @@ def evaluate_lm_model(cfg, path: str, *, log=print) -> dict:
         raise DataError(f"data.path={data_path}: the validation split is empty; prepare it with data.val_fraction > 0 "
                         "or pass a raw .txt/.jsonl file to score whole")
     metrics = evaluate_lm(loaded.model, dataset, micro_batch_size=micro, max_batches=batches)
-    log(f"{path} on {data_path} ({split}, seq_len={seq_len}): loss={metrics['loss']:.4f} ppl={metrics['ppl']:.4f} "
-        f"tokens={metrics['tokens']}")
-    return {**metrics, "data": data_path, "split": split, "seq_len": seq_len, "model_kind": loaded.kind}
+    where = "whole file" if split == "train" else split
+    log(f"{path} on {data_path} ({where}, seq_len={seq_len}): loss={metrics['loss']:.4f} "
+        f"ppl={metrics['ppl']:.4f} tokens={metrics['tokens']}")
+    # a raw file is prepared with nothing held out: its "train" split is the whole file
+    return {**metrics, "data": data_path, "split": "all" if split == "train" else split, "seq_len": seq_len,
+            "model_kind": loaded.kind}
 
 
 def _prepare_raw(cfg, file_path: str, tokenizer: str | None, model_path: str) -> str:

@@ -54,7 +54,10 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """This process's GPU (LOCAL_RANK under a launcher), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
 
 
 def model_kind(path: str) -> str:

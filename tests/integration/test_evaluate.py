@@ -70,7 +70,7 @@ def test_checkpoint_own_split_raw_file_and_saved_model(tiny_corpus, tmp_path, ar
     tok = load_tokenizer(tiny_corpus)
     stream = tok.encode(TEXT) + [tok.eos_id]
     windows = _windows(stream, 32)
-    assert got["split"] == "train" and got["metrics"]["tokens"] == windows[:, 1:].numel()
+    assert got["split"] == "all" and got["metrics"]["tokens"] == windows[:, 1:].numel()
     assert got["metrics"]["loss"] == pytest.approx(_hand_loss(plain, windows), rel=1e-5)
     two = _evaluate([f"--checkpoint.resume={run}", f"--data.path={raw}", "--train.eval_batches=2",
                      "--train.micro_batch_size=3", f"--log.dir={tmp_path / 'raw2'}"])
