@@ -7,7 +7,6 @@ the samples any member trained on (checked: an overlap would flatter the ensembl
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable
 

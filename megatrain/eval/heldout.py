@@ -42,7 +42,8 @@ def evaluate_lm_model(cfg, path: str, *, log=print) -> dict:
                           "its own; pass --data.path=DIR (a prepared data dir) or a .txt/.jsonl file")
     split = "val"
     if os.path.isfile(data_path):
-        data_path, split = _prepare_raw(cfg, data_path, tokenizer_location(loaded.kind, loaded.path, own), path), "train"
+        tokenizer = tokenizer_location(loaded.kind, loaded.path, own)
+        data_path, split = _prepare_raw(cfg, data_path, tokenizer, path), "train"
     elif not os.path.isfile(os.path.join(data_path, "meta.json")):
         raise DataError(f"data.path={data_path}: not a prepared data dir (no meta.json) nor a file; prepare it "
                         "(launch/prepare.py) or pass a .txt/.jsonl file")

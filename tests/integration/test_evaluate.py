@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatrain.config.loader import load_config
 from megatrain.infer.lm_eval import evaluate_lm
 from megatrain.testing import run_ranks
 from tests.conftest import tiny_overrides

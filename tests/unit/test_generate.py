@@ -181,3 +181,18 @@ def test_launcher_jsonl_chat_template_and_refusal(hf_dir, tmp_path, capsys):
     assert exit_.value.code == 2
     line = capsys.readouterr().err.strip()
     assert "chat template" in line and "\n" not in line
+
+
+def test_megatrain_generate_subcommand(hf_dir, tmp_path, capsys):
+    from megatrain.cli import main
+    family, path, _ = hf_dir
+    if family != "llama":
+        pytest.skip("one family is enough for the wiring")
+    out = tmp_path / "o.jsonl"
+    main(["generate", "--model", str(path), "--prompt", "def f", "--max_new_tokens", "3", "--output", str(out),
+          "--threads", "1"])
+    row = json.loads(out.read_text())
+    assert row["prompt"] == "def f" and (row["tokens"], row["finish_reason"]) in ((3, "length"), (3, "eos"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+    assert exit_.value.code == 2 and "no such directory" in capsys.readouterr().err
