@@ -74,7 +74,7 @@ def run(args) -> list[dict]:
     totals = {"prompt_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
     results = []
     for start in range(0, len(rows), args.batch_size):
-        gen = generate(loaded.model, ids[start:start + args.batch_size], sampling, eos_id=tok.eos_id)
+        gen = generate(loaded.model, ids[start:start + args.batch_size], sampling, eos_id=loaded.eos_ids)
         for key in totals:
             totals[key] += getattr(gen, key)
         for row, new, why in zip(rows[start:start + args.batch_size], gen.tokens, gen.finish):

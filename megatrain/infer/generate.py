@@ -89,8 +89,11 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int | None) -> Generation:
-    """Continue every prompt (a list of token ids) with ``model`` (a megatrain Transformer in eval mode)."""
+def generate(model, prompts: list[list[int]], sampling: Sampling, *,
+             eos_id: int | list[int] | tuple[int, ...] | None) -> Generation:
+    """Continue every prompt (a list of token ids) with ``model`` (a megatrain Transformer in eval mode).
+    ``eos_id``: the end-of-sequence id, or several (a chat model's end-of-turn besides its EOS)."""
+    eos_ids = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
     from megatrain.models.kv_cache import KVCache
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token (an empty prompt gives the model nothing to "
@@ -101,7 +104,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int
     if longest + sampling.max_new_tokens > limit:
         raise ConfigError(f"a prompt of {longest} tokens + --max_new_tokens={sampling.max_new_tokens} exceeds the "
                           f"model's max_seq_len={limit}; lower --max_new_tokens or shorten the prompt")
-    pad = eos_id if eos_id is not None else 0  # any valid id: pads are masked out of attention
+    pad = eos_ids[0] if eos_ids else 0  # any valid id: pads are masked out of attention
     b = len(prompts)
     ids = torch.full((b, longest), pad, dtype=torch.long)
     segments = torch.zeros((b, longest), dtype=torch.long)
@@ -110,8 +113,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int
         segments[i, longest - len(p):] = 1
     ids, segments = ids.to(device), segments.to(device)  # (B, L) each
     positions = (segments.cumsum(1) - 1).clamp_min(0)  # (B, L): 0.. over real tokens only
-    stops = torch.tensor(sorted({*sampling.stop_ids, *([eos_id] if eos_id is not None else [])}) or [-1],
-                         device=device)
+    stops = torch.tensor(sorted({*sampling.stop_ids, *eos_ids}) or [-1], device=device)
     generator = None
     if sampling.seed is not None and not sampling.greedy:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -145,7 +147,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int
     t2 = time.perf_counter()
 
     rows, finish = [], []
-    eos_set = {eos_id} if eos_id is not None else set()
+    eos_set = set(eos_ids)
     for i, n in enumerate(lengths.tolist()):
         row = out[i, :n].tolist()
         rows.append(row)

@@ -41,8 +41,28 @@ class LoadedModel:
     config: Config | None = None  # the run's whole config (checkpoints only): its data.path, seq_len, ...
 
     @property
+    def eos_ids(self) -> list[int]:
+        """Ids that end a generation: the tokenizer's EOS, then those a Hugging Face dir's generation_config.json
+        and config.json name (a chat model's end-of-turn token is often only there)."""
+        ids = [self.tokenizer.eos_id] if self.tokenizer is not None else []
+        if self.kind == "hf":
+            for name in ("generation_config.json", "config.json"):
+                ids += _eos_of(os.path.join(self.path, name))
+        return list(dict.fromkeys(ids))
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def _eos_of(path: str) -> list[int]:
+    if not os.path.isfile(path):
+        return []
+    from megatrain.safe_io import read_json
+    doc = read_json(path, what="Hugging Face config", fix="re-save the model directory", error=CheckpointError)
+    eos = doc.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos]
+    return [int(e) for e in eos if isinstance(e, int) and not isinstance(e, bool)]
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

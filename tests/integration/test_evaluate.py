@@ -1,5 +1,6 @@
 """launch/evaluate.py on language models: a trained gpt2 (tied) / llama checkpoint on its own validation split and
-on a raw text file, the same model saved with save_model, and a Hugging Face dir on a raw JSONL file. Every
+on a raw text file, the same model saved with save_model, and a Hugging Face dir on a raw JSONL file; greedy
+generation from the checkpoint equals a full-forward argmax loop. Every
 reported loss equals a hand computation (the strictly loaded plain model, or transformers' own forward); the eval
 loop counts only labels != -100 and feeds positions/segments to the model."""
 import json
@@ -75,6 +76,21 @@ def test_checkpoint_own_split_raw_file_and_saved_model(tiny_corpus, tmp_path, ar
                      "--train.micro_batch_size=3", f"--log.dir={tmp_path / 'raw2'}"])
     assert two["metrics"]["tokens"] == 6 * 32
     assert two["metrics"]["loss"] == pytest.approx(_hand_loss(plain, windows[:6]), rel=1e-5)
+
+    # generation from the checkpoint (KV cache, its tokenizer found through the run) = a full-forward greedy loop
+    from launch.generate import main as generate_main
+    out = tmp_path / "gen.jsonl"
+    generate_main(["--model", str(run), "--prompt", "def f(", "--max_new_tokens", "6", "--output", str(out)])
+    ids = tok.encode("def f(")
+    new_ids = []
+    with torch.no_grad():
+        for _ in range(6):
+            new_ids.append(int(plain(torch.tensor([ids + new_ids]))[0, -1].argmax()))
+            if new_ids[-1] == tok.eos_id:
+                break
+    row = json.loads(out.read_text())
+    assert row["tokens"] == len(new_ids)
+    assert row["completion"] == tok.decode(new_ids[:-1] if new_ids[-1] == tok.eos_id else new_ids)
 
     # 3. the same weights as a saved model dir, scored on the prepared corpus (no tokenizer needed)
     saved = save_model(str(tmp_path / "saved"), plain, model_cfg)

@@ -169,7 +169,7 @@ def test_launcher_jsonl_chat_template_and_refusal(hf_dir, tmp_path, capsys):
     assert ids.endswith("<bos>assistant:")
     model = load_for_inference(str(path), device="cpu")
     expect = generate(model.model, [tok.encode(ids, add_special_tokens=False)], Sampling(max_new_tokens=6),
-                      eos_id=model.tokenizer.eos_id)
+                      eos_id=model.eos_ids)
     assert rows[1]["tokens"] == len(expect.tokens[0])
 
     plain = tmp_path / "plain"
@@ -210,3 +210,22 @@ def test_bf16_load_generates_close_to_fp32(hf_dir):
     assert bf16.tokens[0][0] == fp32.tokens[0][0]  # the first pick survives bf16 rounding on this sharp model
     with pytest.raises(UserError, match="--dtype=int8"):
         load_for_inference(str(path), device="cpu", dtype="int8")
+
+
+def test_hf_generation_config_eos_ids_stop_too(hf_dir, tmp_path):
+    """A chat model's end-of-turn id often lives only in generation_config.json: it ends a row like EOS."""
+    import shutil
+    family, path, _ = hf_dir
+    if family != "llama":
+        pytest.skip("one family is enough")
+    copy = tmp_path / "m"
+    shutil.copytree(path, copy)
+    loaded = load_for_inference(str(copy), device="cpu")
+    row = prompts(lengths=(5,))
+    free = generate(loaded.model, row, Sampling(max_new_tokens=10), eos_id=None).tokens[0]
+    turn_end = free[2]
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [loaded.tokenizer.eos_id, turn_end]}))
+    reloaded = load_for_inference(str(copy), device="cpu")
+    assert turn_end in reloaded.eos_ids and reloaded.eos_ids[0] == reloaded.tokenizer.eos_id
+    out = generate(reloaded.model, row, Sampling(max_new_tokens=10), eos_id=reloaded.eos_ids)
+    assert out.tokens[0] == free[:free.index(turn_end) + 1] and out.finish == ["eos"]
