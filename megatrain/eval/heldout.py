@@ -47,6 +47,8 @@ def evaluate_lm_model(cfg, path: str, *, log=print) -> dict:
     elif not os.path.isfile(os.path.join(data_path, "meta.json")):
         raise DataError(f"data.path={data_path}: not a prepared data dir (no meta.json) nor a file; prepare it "
                         "(launch/prepare.py) or pass a .txt/.jsonl file")
+    else:
+        _check_same_tokenizer(data_path, tokenizer_location(loaded.kind, loaded.path, own), path)
 
     seq_len = cfg.data.seq_len if _given(cfg.data, "seq_len") and cfg.data.seq_len else (
         own.seq_len if own is not None else loaded.model_cfg.max_seq_len)
@@ -76,6 +78,20 @@ def evaluate_lm_model(cfg, path: str, *, log=print) -> dict:
     # a raw file is prepared with nothing held out: its "train" split is the whole file
     return {**metrics, "data": data_path, "split": "all" if split == "train" else split, "seq_len": seq_len,
             "model_kind": loaded.kind}
+
+
+def _check_same_tokenizer(data_path: str, model_tokenizer: str | None, model_path: str) -> None:
+    """A prepared dir tokenized with another tokenizer than the model's would give a meaningless loss: refuse it
+    when the vocabulary size or the EOS id differ (a model with no known tokenizer is not checked)."""
+    if model_tokenizer is None:
+        return
+    from megatrain.data.prepare import read_meta
+    from megatrain.data.tokenizer import load_tokenizer
+    meta, tok = read_meta(data_path), load_tokenizer(model_tokenizer)
+    if (int(meta["vocab_size"]), int(meta["eos_id"])) != (tok.vocab_size, tok.eos_id):
+        raise DataError(f"data.path={data_path} was tokenized with another tokenizer (vocab {meta['vocab_size']}, "
+                        f"eos {meta['eos_id']}) than the model {model_path} (vocab {tok.vocab_size}, eos "
+                        f"{tok.eos_id}); prepare it with --data.tokenizer={model_tokenizer} or pass the raw file")
 
 
 def _prepare_raw(cfg, file_path: str, tokenizer: str | None, model_path: str) -> str:

@@ -101,7 +101,7 @@ def test_checkpoint_own_split_raw_file_and_saved_model(tiny_corpus, tmp_path, ar
 
 
 def test_hf_dir_on_raw_jsonl_equals_transformers_loss(tmp_path, capsys):
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
     from tests.unit.test_generate import hf_model, save_tokenizer
     from transformers import AutoTokenizer
     hf = tmp_path / "hf"
@@ -122,6 +122,22 @@ def test_hf_dir_on_raw_jsonl_equals_transformers_loss(tmp_path, capsys):
         last = F.cross_entropy(out.logits[:, -1].double(), windows[:, -1], reduction="sum")
     assert got["model_kind"] == "hf" and got["metrics"]["tokens"] == windows[:, 1:].numel()
     assert got["metrics"]["loss"] == pytest.approx(((inner + last) / windows[:, 1:].numel()).item(), rel=1e-5)
+
+    # a data dir tokenized by another tokenizer is refused (its loss would mean nothing)
+    from megatrain.config import build_config
+    from megatrain.data.prepare import prepare_corpus
+    from tokenizers import ByteLevelBPETokenizer
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(docs, vocab_size=270, special_tokens=["<pad>", "<eos>"], show_progress=False)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>").save_pretrained(
+        tmp_path / "other_tok")
+    other = tmp_path / "other"
+    prepare_corpus(build_config({"data": {"path": str(other), "sources": [str(data)], "tokenizer": str(
+        tmp_path / "other_tok"), "val_fraction": 0.2, "min_chars": 1, "num_workers": 1}}).data, seed=0)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        _evaluate([f"--checkpoint.resume={hf}", f"--data.path={other}", f"--log.dir={tmp_path / 'ev3'}"])
+    assert "another tokenizer" in capsys.readouterr().err
 
     # without --data.path an HF model has nothing to be scored on: one line, exit 2
     capsys.readouterr()
