@@ -63,3 +63,15 @@ def test_not_a_model_and_foreign_tensors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="layers.9.attn.q_proj.weight") as err:
         load_for_inference(saved, device="cpu", need_tokenizer=False)
     assert "\n" not in str(err.value)
+
+
+def test_rnn_language_model_loads_for_evaluation(tmp_path):
+    """RNN LMs are built for real (not on meta) and loaded strictly, a tied head included."""
+    cfg = build_config({"model": dict(arch="lstm", task="language_modeling", vocab_size=50, hidden_size=16,
+                                      num_layers=1, max_seq_len=16, tie_embeddings=True)}).model
+    model = build_plain(cfg, seed=2).eval()
+    saved = save_model(str(tmp_path / "lstm"), model, cfg)
+    loaded = load_for_inference(saved, device="cpu", need_tokenizer=False)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), model(ids), rtol=0, atol=0)
