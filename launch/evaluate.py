@@ -5,9 +5,12 @@
   python launch/evaluate.py --config recipes/cnn_digits.yaml --eval.ensemble='[runs/a,runs/b]'  # ensemble
   python launch/evaluate.py --config recipes/ensemble_digits.yaml     # train 3 members, then ensemble them
   python launch/evaluate.py --config recipes/cnn_digits.yaml --checkpoint.resume=runs/a         # one checkpoint
+  python launch/evaluate.py --checkpoint.resume=runs/tiny --data.path=held_out.jsonl --log.dir=runs/ev  # an LM
 
 Precedence: search.space, then eval.kfold > 0, then eval.ensemble / eval.ensemble_members, else the checkpoint in checkpoint.resume
-(or <log.dir>/checkpoints). Runs under `deepspeed`/`torchrun` too; only rank 0 writes tables and plots."""
+(or <log.dir>/checkpoints). For language models checkpoint.resume may also be a saved model dir or a Hugging Face
+dir, and --data.path a prepared data dir or a raw .txt/.jsonl file (default: the checkpoint's own validation split);
+loss, perplexity and tokens go to <log.dir>/eval.json (docs/finetuning.md). Runs under `deepspeed`/`torchrun` too; only rank 0 writes tables and plots."""
 import os
 import sys
 

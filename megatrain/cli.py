@@ -1,4 +1,4 @@
-"""The `megatrain` command: `megatrain {prepare,train,demo,env,config-docs} ...`.
+"""The `megatrain` command: `megatrain {prepare,train,generate,demo,env,config-docs} ...`.
 
 `megatrain train` is `launch/pretrain.py` in-process (one rank); for several ranks use the launchers:
 `deepspeed launch/pretrain.py ...` or `torchrun --nproc_per_node N launch/pretrain.py ...`."""
@@ -13,6 +13,7 @@ from megatrain.testing import ROOT
 COMMANDS = {
     "prepare": "prepare a text corpus into token shards (launch/prepare.py)",
     "train": "pretrain one rank in-process (launch/pretrain.py)",
+    "generate": "continue prompts with a checkpoint, saved model or HF dir (launch/generate.py)",
     "demo": "the make-demo flow: prepare + 2-rank DeepSpeed run + summary",
     "env": "which kernel backends are available for each op",
     "config-docs": "print the config reference (markdown)",
@@ -27,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name:12s} {text}")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     cmd, rest = argv[0], argv[1:]
-    if cmd in ("prepare", "train"):
-        script = os.path.join(ROOT, "launch", "prepare.py" if cmd == "prepare" else "pretrain.py")
+    if cmd in ("prepare", "train", "generate"):
+        script = os.path.join(ROOT, "launch", {"train": "pretrain.py"}.get(cmd, f"{cmd}.py"))
         sys.argv = [script, *rest]
         runpy.run_path(script, run_name="__main__")
     elif cmd == "demo":

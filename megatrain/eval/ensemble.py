@@ -7,7 +7,6 @@ the samples any member trained on (checked: an overlap would flatter the ensembl
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable
 
@@ -71,14 +70,20 @@ def load_member(path: str, *, shared=None):
     arch) reuses arrays already in memory when the member was trained on the same data."""
     from megatrain.train.tasks import make_task
 
-    cfg, state = _read_checkpoint(resolve_step_dir(path))
+    step = resolve_step_dir(path)
+    from megatrain.infer.load import checkpoint_config
+    if checkpoint_config(step).model.is_transformer:  # built on the device, not load_state_dict into meta tensors
+        from megatrain.infer.load import load_for_inference
+        loaded = load_for_inference(step, device="cpu", need_tokenizer=False)
+        return loaded.config, make_task(loaded.config), loaded.model
+    cfg, state = _read_checkpoint(step)
     if cfg.model.task == "classification":
         from megatrain.train.classification_task import ClassificationTask
         same = shared is not None and cfg.data == shared[0] and cfg.model.arch == shared[2]
         task = ClassificationTask(cfg, pool=shared[1] if same else None)
     else:
         task = make_task(cfg)
-    model = task.build_model()
+    model = task.build_model()  # ResNet / RNN: built for real (only Transformers are built on meta)
     if getattr(model, "tied", False):  # tied LM heads are stored once, under the embedding's name
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -197,49 +202,50 @@ def format_table(rows: list[dict]) -> str:
 
 
 def evaluate_checkpoint(cfg, path: str, *, log: Callable[[str], None] = print) -> dict:
-    """Metrics of one checkpoint on its own validation split (classification: the whole split, with a
-    confusion matrix PNG; language models: ``train.eval_batches`` batches, loss and perplexity)."""
-    from megatrain.train.classification_task import ClassificationTask
+    """Metrics of one model, written to ``<log.dir>/eval.json``. Classifiers (a checkpoint): the whole validation
+    split of their own config, with a confusion matrix PNG. Language models — a Transformer or RNN checkpoint, a
+    saved model or a Hugging Face dir: loss, perplexity and tokens counted on ``--data.path`` (a prepared dir or a
+    raw text/JSONL file) or, without it, the checkpoint's own validation split (megatrain.eval.heldout)."""
+    from megatrain.infer.load import model_kind
 
-    mcfg, task, model = load_member(path)
-    val = task.val_dataset()
-    if val is None:
-        raise UserError(f"checkpoint {path}: its config has no validation split to evaluate on")
-    out_dir = cfg.log.dir
-    if isinstance(task, ClassificationTask):
-        probs, labels = task.predict_proba(model, val)
-        metrics = score(probs, labels, task.num_classes)
-        cm = confusion_matrix(probs.argmax(-1), labels, task.num_classes)
-        metrics["num_samples"] = len(labels)
-        if is_main_process():
-            from megatrain.eval.plots import plot_confusion
-            os.makedirs(out_dir, exist_ok=True)
-            plot_confusion(cm, os.path.join(out_dir, "confusion.png"), class_names=task.pool.class_names or None)
-            metrics["confusion"] = cm.tolist()
+    if model_kind(path) == "checkpoint" and _checkpoint_task(path) == "classification":
+        metrics = _evaluate_classifier(cfg, path)
+        out = {"checkpoint": path, "metrics": metrics}
     else:
-        metrics = _lm_metrics(task, model, val, batches=mcfg.train.eval_batches, micro=mcfg.train.micro_batch_size)
+        from megatrain.eval.heldout import evaluate_lm_model
+        result = evaluate_lm_model(cfg, path, log=log)
+        metrics = {k: result[k] for k in ("loss", "ppl", "tokens", "samples")}
+        out = {"checkpoint": path, "metrics": metrics, **{k: result[k] for k in ("data", "split", "seq_len",
+                                                                                   "model_kind")}}
     if is_main_process():
-        os.makedirs(out_dir, exist_ok=True)
-        write_json(os.path.join(out_dir, "eval.json"), {"checkpoint": path, "metrics": metrics})
+        os.makedirs(cfg.log.dir, exist_ok=True)
+        write_json(os.path.join(cfg.log.dir, "eval.json"), out)
     log(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     return metrics
 
 
-@torch.no_grad()
-def _lm_metrics(task, model, dataset, *, batches: int, micro: int) -> dict:
-    from torch.utils.data import default_collate
+def _checkpoint_task(path: str) -> str:
+    """model.task of the checkpoint at ``path``, read from its config alone."""
+    from megatrain.infer.load import checkpoint_config
+    return checkpoint_config(path).model.task
 
-    from megatrain.data.sampler import eval_batch_count
 
-    totals: dict[str, torch.Tensor] = {}
-    for b in range(eval_batch_count(batches, len(dataset), micro_batch_size=micro)):
-        idx = range(b * micro, min((b + 1) * micro, len(dataset)))
-        if not idx:
-            break
-        _, stats = task.loss_and_stats(model, default_collate([dataset[i] for i in idx]))
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0) + v.double()
-    out = task.summarize(totals)
-    if "loss" in out and "ppl" not in out:
-        out["ppl"] = math.exp(min(out["loss"], 50.0))
-    return out
+def _evaluate_classifier(cfg, path: str) -> dict:
+    from megatrain.train.classification_task import ClassificationTask
+
+    _, task, model = load_member(path)
+    if not isinstance(task, ClassificationTask):
+        raise UserError(f"checkpoint {path}: model.task={task.cfg.model.task} is not classification")
+    val = task.val_dataset()
+    if val is None:
+        raise UserError(f"checkpoint {path}: its config has no validation split to evaluate on")
+    probs, labels = task.predict_proba(model, val)
+    metrics = score(probs, labels, task.num_classes)
+    cm = confusion_matrix(probs.argmax(-1), labels, task.num_classes)
+    metrics["num_samples"] = len(labels)
+    if is_main_process():
+        from megatrain.eval.plots import plot_confusion
+        os.makedirs(cfg.log.dir, exist_ok=True)
+        plot_confusion(cm, os.path.join(cfg.log.dir, "confusion.png"), class_names=task.pool.class_names or None)
+        metrics["confusion"] = cm.tolist()
+    return metrics
