@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer to use instead of the model's own (.model, HF dir, data dir)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help='JSONL file: {"prompt": str} or {"messages": [{"role", "content"}]} per line')
+    p.add_argument("--chat_template", help="template for messages prompts: 'builtin', a .jinja file or a template "
+                   "string (default: the model's training data's, else the tokenizer's own)")
     p.add_argument("--output", help="write results as JSONL here (default: print completions)")
     p.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per prompt at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else sample from softmax(logits/T)")
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> list[dict]:
-    from megatrain.infer.chat import encode_prompt, read_prompts_jsonl
+    from megatrain.infer.chat import chat_template_of, encode_prompt, read_prompts_jsonl
     from megatrain.infer.generate import Sampling, generate
     from megatrain.infer.load import load_for_inference
     from megatrain.errors import ConfigError
@@ -70,7 +72,12 @@ def run(args) -> list[dict]:
     if not loaded.model_cfg.is_transformer:
         raise ConfigError(f"--model={args.model} is a {loaded.model_cfg.arch} model; generation needs a Transformer")
     tok = loaded.tokenizer
-    ids = [encode_prompt(tok, r.get("prompt"), r.get("messages"), where=f"prompt {i + 1}") for i, r in enumerate(rows)]
+    template = None
+    if any("messages" in r for r in rows):
+        data_dir = loaded.config.data.path if loaded.config is not None else None
+        template = chat_template_of(tok, data_dir=data_dir, override=args.chat_template)
+    ids = [encode_prompt(tok, r.get("prompt"), r.get("messages"), template=template, where=f"prompt {i + 1}")
+           for i, r in enumerate(rows)]
     totals = {"prompt_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
     results = []
     for start in range(0, len(rows), args.batch_size):

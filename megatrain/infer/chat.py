@@ -1,8 +1,11 @@
-"""Prompts for generation: plain text or OpenAI-style ``messages`` rendered with the tokenizer's chat template.
+"""Prompts for generation: plain text or OpenAI-style ``messages`` rendered with a chat template.
 
-A Hugging Face tokenizer renders messages with its own ``apply_chat_template(..., add_generation_prompt=True)``.
-megatrain's sentencepiece tokenizers carry no template of their own; :func:`chat_template_of` is the one place
-a built-in template plugs in — until one is there, messages for such a tokenizer are refused in one line.
+The template (:func:`chat_template_of`), first found wins: ``--chat_template``; the one the model's own
+training data was rendered with (a checkpoint whose prepared ``data.path`` holds chat records keeps it as
+``chat_template.jinja``); the tokenizer's own; for megatrain's sentencepiece tokenizers the built-in one that
+prepare uses for them (docs/data.md). A Hugging Face tokenizer without a template refuses messages in one line.
+Messages are rendered and tokenized exactly as prepare renders training conversations
+(``megatrain.data.chat.encode_chat_prompt``; for HF tokenizers that equals ``apply_chat_template``).
 """
 from __future__ import annotations
 
@@ -13,13 +16,19 @@ from megatrain.data.tokenizer import Tokenizer
 from megatrain.errors import DataError
 
 
-def chat_template_of(tokenizer: Tokenizer):
-    """A callable ``messages -> prompt text`` (ending with the assistant's turn opened), or None when the
-    tokenizer has no chat template."""
-    tok = getattr(tokenizer, "tok", None)  # the transformers tokenizer of an HFTokenizer
-    if tok is not None and getattr(tok, "chat_template", None):
-        return lambda messages: tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return None
+def chat_template_of(tokenizer: Tokenizer, *, data_dir: str | None = None, override: str | None = None) -> str | None:
+    """The chat template messages are rendered with for this model, or None when there is none (rule above)."""
+    from megatrain.data.chat import load_chat_template, resolve_chat_template
+    if override is not None:
+        return resolve_chat_template(override, tokenizer)[0]
+    if data_dir and os.path.isfile(os.path.join(data_dir, "meta.json")):
+        trained = load_chat_template(data_dir)
+        if trained:
+            return trained
+    own = getattr(tokenizer, "chat_template", None)  # HF tokenizers only
+    if own:
+        return own
+    return resolve_chat_template("builtin")[0] if tokenizer.kind == "sentencepiece" else None
 
 
 def check_messages(messages, where: str) -> list[dict]:
@@ -31,17 +40,16 @@ def check_messages(messages, where: str) -> list[dict]:
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str | None = None, messages: list[dict] | None = None,
-                  *, where: str = "prompt") -> list[int]:
-    """Token ids to continue: ``prompt`` as the tokenizer's ``encode`` gives it (its BOS, no EOS), or the
-    chat-template rendering of ``messages`` (the template writes its own special tokens)."""
+                  *, template: str | None = None, where: str = "prompt") -> list[int]:
+    """Token ids to continue: ``prompt`` as the tokenizer's ``encode`` gives it (its BOS, no EOS), or ``messages``
+    rendered with ``template`` (from :func:`chat_template_of`) followed by the assistant turn's opening."""
     if messages is None:
         return tokenizer.encode(prompt)
-    render = chat_template_of(tokenizer)
-    if render is None:
+    if template is None:
         raise DataError(f"{where}: 'messages' need a chat template, and tokenizer {tokenizer.path} has none; "
-                        "give a 'prompt' string instead, or use a tokenizer with a chat template")
-    text = render(check_messages(messages, where))
-    return tokenizer.tok.encode(text, add_special_tokens=False)
+                        "give a 'prompt' string, pass --chat_template, or use a tokenizer with a chat template")
+    from megatrain.data.chat import encode_chat_prompt
+    return encode_chat_prompt(tokenizer, template, check_messages(messages, where))
 
 
 def read_prompts_jsonl(path: str) -> list[dict]:

@@ -154,6 +154,11 @@ def _checkpoint(path: str):
     """(Config, ModelConfig, tensor source or None, full state or None) of a megatrain checkpoint."""
     step = _step(path)
     config = checkpoint_config(step)
+    if os.path.isfile(os.path.join(step, "manifest.json")) and config.model.lora.enabled:
+        # a LoRA run: its base with the adapters merged, a plain model (the whole state is read to merge)
+        from megatrain.weights.sources import load_model_state
+        model_cfg, state = load_model_state(step)
+        return config, model_cfg, None, state
     if os.path.isfile(os.path.join(step, "manifest.json")):  # layout-free: read one tensor at a time
         from megatrain.checkpoint.store import CheckpointSource, read_manifest
         source = CheckpointSource(step, read_manifest(step), prefix="model", verify=True)
