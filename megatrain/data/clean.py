@@ -39,14 +39,7 @@ class Cleaner:
         if len(text) < max(self.min_chars, 1):  # empty documents carry nothing, whatever min_chars says
             self.num_short += 1
             return None
-        # 128-bit digest: collisions are out of reach for any corpus size we handle.
-        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-        if digest in self._hashes:
-            self.num_duplicate += 1
-            return None
-        self._hashes.add(digest)
-        self.num_kept += 1
-        return text
+        return text if self._first_time(text.encode("utf-8")) else None
 
     def record(self, record: dict) -> dict | None:
         """A prompt/completion or messages record with every string cleaned and only its own fields kept, or None
@@ -57,14 +50,17 @@ class Cleaner:
             out = {"messages": [{"role": m["role"], "content": clean_text(m["content"])} for m in record["messages"]]}
         else:
             out = {"prompt": clean_text(record["prompt"]), "completion": clean_text(record["completion"])}
-        key = json.dumps(out, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        return out if self._first_time(json.dumps(out, sort_keys=True, ensure_ascii=False).encode("utf-8")) else None
+
+    def _first_time(self, key: bytes) -> bool:
+        """Count ``key`` as kept (first sighting) or duplicate; 128-bit digests: collisions are out of reach."""
         digest = hashlib.blake2b(key, digest_size=16).digest()
         if digest in self._hashes:
             self.num_duplicate += 1
-            return None
+            return False
         self._hashes.add(digest)
         self.num_kept += 1
-        return out
+        return True
 
     def stats(self) -> dict:
         return {"docs_seen": self.num_seen, "docs_kept": self.num_kept,

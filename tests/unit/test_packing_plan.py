@@ -3,28 +3,15 @@ import pytest
 import torch
 
 from megatrain.config.schema import ModelConfig
-from megatrain.models.transformer import build_transformer
 from megatrain.plan.activations import activation_bytes
-from tests.unit.test_plan import TINY
+from tests.unit.test_plan import TINY, _saved_by_autograd
 
 
 def _saved_by_autograd_packed(m: ModelConfig, batch: int, seq: int) -> int:
-    """Bytes autograd keeps for one packed forward + loss on CPU (the reference ops), weights left out."""
-    model = build_transformer(m, seed=0).train()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(x):
-        if x.untyped_storage().data_ptr() not in weights:
-            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-        return x
-    ids = torch.randint(0, m.vocab_size, (batch, seq))
-    segments = (torch.arange(seq) >= seq // 3).long().expand(batch, seq)  # two documents per row
+    """Bytes autograd keeps for one packed forward + loss on CPU: two documents per row."""
+    segments = (torch.arange(seq) >= seq // 3).long().expand(batch, seq)
     positions = torch.where(segments == 0, torch.arange(seq), torch.arange(seq) - seq // 3)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        logits = model(ids, positions=positions, segments=segments)
-        torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), ids.view(-1))
-    return sum(seen.values())
+    return _saved_by_autograd(m, batch, seq, positions=positions, segments=segments)
 
 
 @pytest.mark.parametrize("fields", TINY, ids=["gpt2", "llama", "llama-gqa"])

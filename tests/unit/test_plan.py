@@ -21,8 +21,9 @@ TINY = [dict(arch="gpt2", vocab_size=100, hidden_size=64, num_layers=3, num_head
              ffn_hidden_size=128, max_seq_len=32)]
 
 
-def _saved_by_autograd(m: ModelConfig, batch: int, seq: int) -> int:
-    """Bytes autograd keeps for one forward + loss on CPU (the reference ops), weights left out."""
+def _saved_by_autograd(m: ModelConfig, batch: int, seq: int, **forward) -> int:
+    """Bytes autograd keeps for one forward + loss on CPU (the reference ops), weights left out; ``forward``:
+    extra model arguments, (B, T) each (positions, segments)."""
     model = build_transformer(m, seed=0).train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
@@ -33,7 +34,7 @@ def _saved_by_autograd(m: ModelConfig, batch: int, seq: int) -> int:
         return x
     ids = torch.randint(0, m.vocab_size, (batch, seq))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        logits = model(ids)
+        logits = model(ids, **forward)
         torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), ids.view(-1))
     return sum(seen.values())
 
