@@ -133,10 +133,38 @@ def mpi_env(environ: dict) -> dict[str, str]:
     return {}
 
 
-def check_accelerate(environ: dict) -> None:
-    """``accelerate launch`` runs megatrain like torchrun (GPUs) or as one process (``--cpu`` without an MPI
-    hostfile); its DeepSpeed plugin would configure a second DeepSpeed, so it is refused in one line."""
+def _parent_cmdline() -> list[str]:
+    """The launching process's argv (Linux /proc), [] where it cannot be read."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _asked_processes(argv: list[str]) -> int:
+    """``--num_processes N`` (or ``--num-processes``, ``=N``) in an accelerate command line; 0 when absent."""
+    for i, arg in enumerate(argv):
+        for flag in ("--num_processes", "--num-processes"):
+            value = arg[len(flag) + 1:] if arg.startswith(flag + "=") else (
+                argv[i + 1] if arg == flag and i + 1 < len(argv) else None)
+            if value is not None:
+                return int(value) if value.isdigit() else 0
+    return 0
+
+
+def check_accelerate(environ: dict, parent_argv: list[str] | None = None) -> None:
+    """``accelerate launch`` runs megatrain like torchrun (GPUs, or ``--multi_gpu`` on CPUs) or as one process
+    (``--cpu`` without an MPI hostfile). ``--cpu --num_processes 2`` would silently train one rank, and its
+    DeepSpeed plugin would configure a second DeepSpeed: both are refused in one line."""
     from megatrain.errors import ConfigError
+    if environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "RANK" not in environ \
+            and not any(k in environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+        asked = _asked_processes(_parent_cmdline() if parent_argv is None else parent_argv)
+        if asked > 1:
+            raise ConfigError(f"accelerate launch --cpu --num_processes {asked} starts one process (accelerate "
+                              "runs several CPU processes only through mpirun); use accelerate launch --multi_gpu "
+                              f"--num_processes {asked} (it works without GPUs, through torchrun) or torchrun")
     if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise ConfigError("accelerate launch --use_deepspeed: accelerate's DeepSpeed plugin settings are not read, "
                           "megatrain configures DeepSpeed from the recipe (parallel.zero_stage, train.precision, "

@@ -118,3 +118,14 @@ def test_accelerate_launch_two_processes_on_cpu(tiny_corpus, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert steps(tmp_path / "run") == [1, 2, 3] and "world=2" in r.stdout and "dp=2" in r.stdout
+
+
+def test_accelerate_cpu_asking_for_two_processes_is_refused(tiny_corpus, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` would run one process: megatrain says so in one line."""
+    pytest.importorskip("accelerate")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "launch/pretrain.py", *tiny_overrides(tiny_corpus, tmp_path / "run", **{"train.max_steps": 3})]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode != 0
+    assert "error: accelerate launch --cpu --num_processes 2 starts one process" in r.stderr, r.stderr[-2000:]

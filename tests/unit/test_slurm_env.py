@@ -53,6 +53,27 @@ def test_accelerate_plugins_are_refused_in_one_line(flag):
     assert launcher_env({flag: "false"}) == {}
 
 
+@pytest.mark.parametrize("argv,refused", [
+    (["accelerate", "launch", "--cpu", "--num_processes", "2", "train.py"], True),
+    (["python", "-m", "accelerate.commands.launch", "--num-processes=4", "--cpu", "train.py"], True),
+    (["accelerate", "launch", "--cpu", "--num_processes", "1", "train.py"], False),
+    (["accelerate", "launch", "--cpu", "train.py"], False),
+])
+def test_accelerate_cpu_with_several_processes_is_one_line(argv, refused):
+    """accelerate --cpu runs one process whatever --num_processes says: asking for more is refused, not
+    silently trained as one rank (the launcher's argv is read from /proc in a real launch)."""
+    from megatrain.distributed.env import check_accelerate
+    from megatrain.errors import ConfigError
+    env = {"ACCELERATE_USE_CPU": "True"}
+    if not refused:
+        check_accelerate(env, parent_argv=argv)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_accelerate(env, parent_argv=argv)
+    assert "\n" not in str(err.value) and "--multi_gpu" in str(err.value)
+    check_accelerate({**env, "RANK": "0"}, parent_argv=argv)  # under mpirun the ranks are real: left alone
+
+
 @pytest.mark.parametrize("env", [
     {**STEP, "SLURM_STEP_NUM_TASKS": "eight"}, {**STEP, "SLURM_PROCID": ""}, {**STEP, "SLURM_STEP_NUM_NODES": "-2"},
     {"OMPI_COMM_WORLD_RANK": "x", "OMPI_COMM_WORLD_SIZE": "2"}, {"PMI_RANK": "0", "PMI_SIZE": "two"},
