@@ -3,6 +3,13 @@ import os
 import sys
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when triton.language is first imported (its @jit standard-library functions are
+# built then), and several libraries a test imports (transformers, torch's own triton ops) import it: set it
+# before any test module is collected, not only in tests/kernels, or the interpreter meets compiled helpers.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatrain.toolchain import prepare_process  # noqa: E402
 
