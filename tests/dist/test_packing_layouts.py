@@ -21,7 +21,8 @@ LAYOUTS = {  # name: (world, overrides)
     "pp2": (2, {"parallel.pp": 2}),
     "tp2sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
     "dp2zero3": (2, {"parallel.zero_stage": 3}),
-    "tp2ckpt": (2, {"parallel.tp": 2, "parallel.activation_checkpointing": "every"}),  # recompute gets the ids
+    # activation checkpointing: the recompute gets the ids, under tp with sp and on pipeline stages
+    "tp2spckpt": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True, "parallel.activation_checkpointing": "every"}),
     "pp2ckpt": (2, {"parallel.pp": 2, "parallel.activation_checkpointing": "every"}),
 }
 
@@ -55,7 +56,7 @@ def _assert_same(got, ref, what):
         torch.testing.assert_close(state[k], ref_state[k], rtol=1e-5, atol=1e-6, msg=f"{what}: {k}")
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", ["dp2", "dp2zero3", "tp2spckpt", "pp2ckpt"])  # gpt2 runs plain pp2 and tp2sp
 def test_llama_layout_matches_one_process(tiny_corpus, tmp_path, references, layout):
     world, extra = LAYOUTS[layout]
     _assert_same(_train(tiny_corpus, tmp_path, "llama", world, **extra), references["llama"], layout)
