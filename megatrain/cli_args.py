@@ -64,13 +64,22 @@ def _train(cfg: Config, local_rank: int | None):
     except (NonFiniteError, SaveError):  # agreed by every rank: no peer waits in a collective
         shutdown_distributed()
         raise
+    world = trainer.world
     shutdown_distributed()
     if trainer.preempted:
-        # The checkpoint is saved and fsynced and the logs are closed. Leave without interpreter teardown: a gloo
-        # rank can still abort there (-6, "terminate called without an active exception") and hide the 75.
-        import os
         from megatrain.train.preemption import EXIT_PREEMPTED
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_PREEMPTED)
+        _leave(EXIT_PREEMPTED)
+    if world > 1:  # a launcher's rank (an in-process, one-rank run returns to its caller)
+        _leave(0)
     return result
+
+
+def _leave(code: int) -> None:
+    """Exit a launcher's rank without interpreter teardown, once its checkpoint is saved, its logs closed and
+    its process groups destroyed: a gloo rank can still abort in teardown (-6, "terminate called without an
+    active exception", a gloo/DeepSpeed thread outliving Python) and turn a finished run, or a preempted one's
+    75, into a failure. Seen in a 2-stage pipeline run in CI."""
+    import os
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
