@@ -198,7 +198,7 @@ class RecordEncoder:
 
 def load_chat_template(data_dir: str) -> str | None:
     """The template a prepared data dir's chat records were rendered with (``chat_template.jinja``), or None."""
-    from megatrain.data.prepare import read_meta
+    from megatrain.data.prepared import read_meta
     info = read_meta(data_dir).get("chat_template")
     if not isinstance(info, dict) or not isinstance(info.get("path"), str):
         return None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from megatrain.data.indexed import ShardReader
-from megatrain.data.prepare import check_tokenizer_vocab, read_meta, verify_shards
+from megatrain.data.prepared import check_tokenizer_vocab, read_meta, verify_shards
 from megatrain.errors import DataError
 
 

@@ -85,7 +85,7 @@ def _check_same_tokenizer(data_path: str, model_tokenizer: str | None, model_pat
     when the vocabulary size or the EOS id differ (a model with no known tokenizer is not checked)."""
     if model_tokenizer is None:
         return
-    from megatrain.data.prepare import read_meta
+    from megatrain.data.prepared import read_meta
     from megatrain.data.tokenizer import load_tokenizer
     meta, tok = read_meta(data_path), load_tokenizer(model_tokenizer)
     if (int(meta["vocab_size"]), int(meta["eos_id"])) != (tok.vocab_size, tok.eos_id):

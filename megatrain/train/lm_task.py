@@ -11,7 +11,7 @@ from megatrain.errors import UserError
 
 
 def read_vocab_size(data_path: str) -> int:
-    from megatrain.data.prepare import read_meta
+    from megatrain.data.prepared import read_meta
     return int(read_meta(data_path)["vocab_size"])
 
 
@@ -46,7 +46,7 @@ class LanguageModelingTask:
         """The split as samples: ``data.packing`` (None = documents for SFT data, which has a loss mask in its
         meta.json, stream for plain text) picks PackedTokenDataset (stream) or DocumentPackedDataset."""
         from megatrain.data.dataset import PackedTokenDataset
-        from megatrain.data.prepare import read_meta
+        from megatrain.data.prepared import read_meta
         d = self.cfg.data
         packing = d.packing or ("documents" if read_meta(data_path).get("loss_mask") else "stream")
         if packing == "stream":
@@ -63,10 +63,10 @@ class LanguageModelingTask:
     def val_dataset(self):
         """The validation split, or None when prepare held none out (val_fraction=0). A corrupt or
         too-short split is an error, not a silently skipped validation."""
-        from megatrain.data.prepare import read_meta
+        from megatrain.data.prepared import read_meta
         meta = read_meta(self.cfg.data.path)
         if meta["splits"].get("val", {}).get("num_tokens", 0) == 0:
-            from megatrain.data.prepare import empty_split_holds_tokens
+            from megatrain.data.prepared import empty_split_holds_tokens
             empty_split_holds_tokens(self.cfg.data.path, meta, "val")  # meta.json edited: one line, not silence
             if (meta.get("config") or {}).get("val_fraction", 0):
                 import logging  # an empty val split is said out loud, never a silent "no validation"
@@ -80,7 +80,7 @@ class LanguageModelingTask:
     def validation_for(self, data_path: str):
         """The validation split of another prepared corpus (continual training tracks forgetting on it), packed
         and masked the way its own meta.json and data.packing / data.train_on_prompt say."""
-        from megatrain.data.prepare import read_meta
+        from megatrain.data.prepared import read_meta
         meta = read_meta(data_path)
         if meta["vocab_size"] != self.cfg.model.vocab_size:
             raise UserError(f"eval.old_data={data_path} has vocab_size={meta['vocab_size']}, the model "

@@ -12,6 +12,7 @@ import pytest
 
 from megatrain.config import DataConfig
 from megatrain.data import prepare as prep
+from megatrain.data import prepared
 from megatrain.data.dataset import PackedTokenDataset
 from megatrain.data.indexed import CorruptShardError
 from megatrain.data.prepare import prepare_corpus
@@ -53,7 +54,7 @@ def test_checksums_recorded_and_same_size_garbage_is_rebuilt_on_reuse(tmp_path, 
     assert set(record) == {"bin_crc32", "idx_crc32", "max_id"} and 0 <= record["max_id"] < meta["vocab_size"]
     assert prepare_corpus(cfg)["reused"] is True
     _scribble(shard + ".bin")
-    prep._VERIFIED.clear()  # a new process: nothing verified yet
+    prepared._VERIFIED.clear()  # a new process: nothing verified yet
     with caplog.at_level(logging.WARNING, logger="megatrain.data"):
         again = prepare_corpus(cfg)
     assert again["reused"] is False and "fails its checksum" in caplog.text
@@ -64,7 +65,7 @@ def test_first_open_verifies_and_the_opt_out_skips(tmp_path):
     path = prepare_corpus(_cfg(tmp_path))["path"]
     shard, _ = _first_shard(path)
     _scribble(shard + ".bin")
-    prep._VERIFIED.clear()
+    prepared._VERIFIED.clear()
     with pytest.raises(CorruptShardError, match=r"train-00000.bin of split 'train' fails its checksum.*force_prepare"):
         PackedTokenDataset(path, "train", 8)
     PackedTokenDataset(path, "train", 8, verify_checksums=False)  # data.verify_checksums=false: sizes only
@@ -72,7 +73,7 @@ def test_first_open_verifies_and_the_opt_out_skips(tmp_path):
 
 def test_a_verified_shard_is_not_read_again_in_the_same_process(tmp_path, monkeypatch):
     path = prepare_corpus(_cfg(tmp_path))["path"]
-    prep._VERIFIED.clear()
+    prepared._VERIFIED.clear()
     calls = []
     import megatrain.data.indexed as indexed
     real = indexed.file_crc32
@@ -98,7 +99,7 @@ def test_meta_vocab_size_must_match_the_tokenizer(tmp_path):
     meta = json.load(open(os.path.join(path, "meta.json")))
     meta["vocab_size"] = 100000
     json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
-    prep._VERIFIED.clear()
+    prepared._VERIFIED.clear()
     with pytest.raises(DataError, match=r"records vocab_size=100000 but its tokenizer .* has 300 pieces"):
         PackedTokenDataset(path, "train", 8)
 

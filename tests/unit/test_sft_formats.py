@@ -133,7 +133,7 @@ def test_mask_shard_checksum_size_and_presence(tmp_path):
     import os
     from megatrain.data.dataset import PackedTokenDataset
     from megatrain.data.indexed import CorruptShardError
-    from megatrain.data.prepare import _VERIFIED
+    from megatrain.data.prepared import _VERIFIED
     _, path = _prepare(tmp_path, [_jsonl(tmp_path / "pc.jsonl", PC)])
     mask = f"{path}/train-00000.mask"
     data = bytearray(open(mask, "rb").read())
