@@ -130,14 +130,14 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, *,
     lengths = torch.zeros(b, dtype=torch.long, device=device)  # tokens each row produced
     last_pos = positions[:, -1:]  # (B, 1)
     ones = torch.ones((b, 1), dtype=torch.long, device=device)
-    decode_tokens = 0
+    decode_tokens = torch.zeros((), dtype=torch.long, device=device)  # read once at the end, not per step
     for step in range(sampling.max_new_tokens):
         tok = next_tokens(logits, sampling, generator)  # (B,)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         lengths += (~done).long()
         out = torch.cat([out, tok[:, None]], dim=1)
         if step:
-            decode_tokens += int((~done).sum())
+            decode_tokens += (~done).sum()
         done = done | torch.isin(tok, stops)
         if step == sampling.max_new_tokens - 1 or bool(done.all()):
             break
@@ -155,4 +155,4 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, *,
                       else "length")
     # the first new token comes from the prefill's logits; decode steps produce the rest
     return Generation(rows, finish, prompt_tokens=sum(len(p) for p in prompts), prefill_s=t1 - t0,
-                      decode_s=t2 - t1, decode_tokens=decode_tokens)
+                      decode_s=t2 - t1, decode_tokens=int(decode_tokens))

@@ -42,6 +42,7 @@ class KVCache:
         self.length = 0
         self.layers = [LayerCache(self) for _ in range(num_layers)]
         self.segments: torch.Tensor | None = None  # (B, length) segment id of every cached key, when given
+        self.step_key_segments: torch.Tensor | None = None  # (B, length + T) during a forward of T new tokens
 
     def positions_for(self, batch: int, t: int, device) -> torch.Tensor:
         """Default positions of T new tokens: they follow the cached ones. (B, T)."""
@@ -57,7 +58,12 @@ class KVCache:
             raise ValueError("pass segments on every call of a cached forward, or on none")
         return torch.cat([self.segments, segments], dim=1)
 
-    def advance(self, t: int, key_segments: torch.Tensor | None) -> None:
+    def begin(self, segments: torch.Tensor | None) -> None:
+        """Called by the model before its layers run on T new tokens with ``segments`` (B, T): every layer then
+        reads the same key segments."""
+        self.step_key_segments = self.key_segments(segments)
+
+    def advance(self, t: int) -> None:
         """Called by the model once every layer has appended T tokens."""
         self.length += t
-        self.segments = key_segments
+        self.segments, self.step_key_segments = self.step_key_segments, None

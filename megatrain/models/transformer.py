@@ -102,7 +102,7 @@ class Attention(nn.Module):
         if cache is not None:
             masks["q_offset"] = cache.owner.length  # these queries follow the cached keys
             k, v = cache.append(k, v)  # (B, Hkv, S, D): everything cached so far, these tokens last
-            masks["key_segments"] = cache.owner.key_segments(segments)
+            masks["key_segments"] = cache.owner.step_key_segments  # built once per forward, not per layer
         if segments is not None:
             masks["segments"] = segments
         y = self.kernels.attention(q, k, v, causal=True, window=self.window, **masks)  # (B, Hq, T, D)
@@ -207,8 +207,10 @@ class Transformer(nn.Module):
 
         ``positions`` / ``segments`` (B, T): packed documents (positions restart, attention stays inside a
         document). ``cache``: a ``KVCache`` for incremental decoding; positions then default to following it."""
-        if cache is not None and positions is None:
-            positions = cache.positions_for(input_ids.shape[0], input_ids.shape[1], input_ids.device)
+        if cache is not None:
+            if positions is None:
+                positions = cache.positions_for(input_ids.shape[0], input_ids.shape[1], input_ids.device)
+            cache.begin(segments)
         h = self.embed(input_ids, positions)
         caches = cache.layers if cache is not None else [None] * len(self.layers)
         extras = positions is not None or segments is not None or cache is not None
@@ -216,7 +218,7 @@ class Transformer(nn.Module):
             # plain calls stay positional-free so per-block transforms (checkpointing, hooks) see one argument
             h = layer(h, positions, segments, layer_cache) if extras else layer(h)
         if cache is not None:
-            cache.advance(input_ids.shape[1], cache.key_segments(segments))
+            cache.advance(input_ids.shape[1])
         if return_hidden:
             return self.head.norm(h)
         return self.head(h)
