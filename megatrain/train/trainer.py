@@ -417,28 +417,24 @@ class Trainer:
         logger.message(f"preempted ({self.preempted}) after step {self.step}: saved {path}; resume with "
                        "--checkpoint.resume=auto")
 
-    def export_hf(self, step_dir: str) -> None:
-        """Write the checkpoint at ``step_dir`` as a Hugging Face directory (rank 0; others wait)."""
+    def export(self, step_dir: str) -> None:
+        """Write the checkpoint at ``step_dir`` as a Hugging Face directory (checkpoint.export_hf; LoRA adapters
+        merged) and/or its adapters as a PEFT directory (checkpoint.export_peft), reading it once (rank 0;
+        others wait)."""
+        ck = self.cfg.checkpoint
         if self.rank == 0:
             from megatrain.checkpoint.layout_free import load_model_state
-            from megatrain.interop.hf import save_state_pretrained
             cfg, state = load_model_state(step_dir)
-            ck = self.cfg.checkpoint
-            out = save_state_pretrained(state, cfg.model, ck.export_hf, dtype=ck.export_dtype,
-                                        overwrite=ck.export_overwrite,
-                                        tokenizer=self.cfg.data.path if cfg.model.is_transformer else None)
-            print(f"exported Hugging Face model: {out}", flush=True)
-        hc.barrier()
-
-    def export_peft(self, step_dir: str) -> None:
-        """Write the LoRA adapters of the checkpoint at ``step_dir`` as a PEFT adapter directory (rank 0)."""
-        if self.rank == 0:
-            from megatrain.checkpoint.layout_free import load_model_state
-            from megatrain.interop.peft import save_peft_adapter
-            cfg, state = load_model_state(step_dir)
-            ck = self.cfg.checkpoint
-            out = save_peft_adapter(state, cfg.model, ck.export_peft, overwrite=ck.export_overwrite)
-            print(f"exported PEFT adapter: {out}", flush=True)
+            if ck.export_hf:
+                from megatrain.interop.hf import save_state_pretrained
+                out = save_state_pretrained(state, cfg.model, ck.export_hf, dtype=ck.export_dtype,
+                                            overwrite=ck.export_overwrite,
+                                            tokenizer=self.cfg.data.path if cfg.model.is_transformer else None)
+                print(f"exported Hugging Face model: {out}", flush=True)
+            if ck.export_peft:
+                from megatrain.interop.peft import save_peft_adapter
+                out = save_peft_adapter(state, cfg.model, ck.export_peft, overwrite=ck.export_overwrite)
+                print(f"exported PEFT adapter: {out}", flush=True)
         hc.barrier()
 
     def run(self) -> dict[str, float]:
@@ -504,10 +500,8 @@ class Trainer:
                     and not saved:
                 final_dir = self.save()
             final_dir = final_dir or os.path.join(self.ckpt_dir, f"step_{self.step:08d}")
-            if cfg.checkpoint.export_hf:
-                self.export_hf(final_dir)
-            if cfg.checkpoint.export_peft:
-                self.export_peft(final_dir)
+            if exporting:
+                self.export(final_dir)
         finally:
             logger.close()
             self.watchdog.close()
