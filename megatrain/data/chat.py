@@ -94,7 +94,7 @@ def chat_template_id(value: str | None) -> str | None:
     return f"string:{hashlib.sha256(value.encode()).hexdigest()[:16]}"
 
 
-def resolve_chat_template(value: str | None, tokenizer=None) -> tuple[str, str]:
+def resolve_chat_template(value: str | None, tokenizer=None, *, field: str = "data.chat_template") -> tuple[str, str]:
     """(template text, where it came from) for ``data.chat_template``: None = the tokenizer's own template when
     it has one, else the built-in one; ``builtin``; a path to a ``.jinja`` file; or a jinja template string."""
     if value is None:
@@ -108,7 +108,7 @@ def resolve_chat_template(value: str | None, tokenizer=None) -> tuple[str, str]:
             return f.read(), f"file:{os.path.abspath(path)}"
     if "{{" in value or "{%" in value:
         return value, "string"
-    raise DataError(f"data.chat_template={value!r}: not 'builtin', an existing .jinja file or a jinja template "
+    raise DataError(f"{field}={value!r}: not 'builtin', an existing .jinja file or a jinja template "
                     "string; fix the path or leave it unset (the tokenizer's own template, else the built-in one)")
 
 

@@ -20,7 +20,7 @@ def chat_template_of(tokenizer: Tokenizer, *, data_dir: str | None = None, overr
     """The chat template messages are rendered with for this model, or None when there is none (rule above)."""
     from megatrain.data.chat import load_chat_template, resolve_chat_template
     if override is not None:
-        return resolve_chat_template(override, tokenizer)[0]
+        return resolve_chat_template(override, tokenizer, field="--chat_template")[0]
     if data_dir and os.path.isfile(os.path.join(data_dir, "meta.json")):
         trained = load_chat_template(data_dir)
         if trained:

@@ -229,3 +229,15 @@ def test_hf_generation_config_eos_ids_stop_too(hf_dir, tmp_path):
     assert turn_end in reloaded.eos_ids and reloaded.eos_ids[0] == reloaded.tokenizer.eos_id
     out = generate(reloaded.model, row, Sampling(max_new_tokens=10), eos_id=reloaded.eos_ids)
     assert out.tokens[0] == free[:free.index(turn_end) + 1] and out.finish == ["eos"]
+
+
+def test_a_bad_chat_template_flag_is_one_line_naming_it(hf_dir, tmp_path, capsys):
+    from launch.generate import main
+    _, path, _ = hf_dir
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(path), "--prompts", str(prompts), "--chat_template", str(tmp_path / "none.jinja")])
+    line = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in line and line.startswith("error: --chat_template=")
