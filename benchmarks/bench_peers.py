@@ -60,16 +60,15 @@ def one_process(args, rest: list[str]) -> dict:
     import transformers
 
     from megatrain.data.prepare import prepare_corpus
+    from megatrain.train.lm_task import read_vocab_size
     from megatrain.train.trainer import Trainer
     cfg = _config(0, rest, os.path.join(args.workdir, "mega1"))
     prepare_corpus(cfg.data, seed=cfg.train.seed)
-    trainer = Trainer(cfg)
+    cfg.model.vocab_size = cfg.model.vocab_size or read_vocab_size(cfg.data.path)  # as the Trainer will
     t = cfg.train
     accum = t.global_batch_size // t.micro_batch_size
-    others = {"megatrain Trainer": megatrain_step(trainer),
-              "torch loop, HF GPT2": common.hand_loop(cfg, hf_model(cfg), trainer.train_data, trainer.sampler, micro=accum,
-                                                         logits=lambda out: out.logits)}
-    times = {"HF Trainer, HF GPT2": [], **{k: [] for k in others}}
+    others: dict = {}  # filled once megatrain's Trainer exists (below)
+    times: dict = {"HF Trainer, HF GPT2": []}
     warmup = 2
 
     class Alternate(transformers.TrainerCallback):
@@ -92,11 +91,14 @@ def one_process(args, rest: list[str]) -> dict:
             self.n += 1
 
     class Data(torch.utils.data.Dataset):
+        def __init__(self, source):
+            self.source = source  # megatrain's train dataset: both Trainers read the same rows
+
         def __len__(self):
-            return len(trainer.train_data)
+            return len(self.source)
 
         def __getitem__(self, i):
-            it = trainer.train_data[i]
+            it = self.source[i]
             return {"input_ids": it["input_ids"], "labels": it["labels"]}
 
     def next_token_loss(outputs, labels, num_items_in_batch=None):
@@ -115,10 +117,20 @@ def one_process(args, rest: list[str]) -> dict:
         gradient_accumulation_steps=accum, max_grad_norm=t.grad_clip, max_steps=args.steps + warmup,
         report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
         disable_tqdm=True, seed=t.seed)
-    hf = transformers.Trainer(model=model, args=targs, train_dataset=Data(), optimizers=(opt, sched),
+    hf = transformers.Trainer(model=model, args=targs, train_dataset=None, optimizers=(opt, sched),
                               compute_loss_func=next_token_loss, callbacks=[Alternate()])
+    # The HF Trainer is built first: built after megatrain's Trainer has started its one-rank process group, it
+    # would wrap HF's model in a one-rank DDP with find_unused_parameters=True, a slower HF than a user gets.
+    assert hf.args.world_size == 1 and hf.args.parallel_mode.name != "DISTRIBUTED", hf.args.parallel_mode
+    trainer = Trainer(cfg)
+    others.update({"megatrain Trainer": megatrain_step(trainer),
+                   "torch loop, HF GPT2": common.hand_loop(cfg, hf_model(cfg), trainer.train_data, trainer.sampler,
+                                                           micro=accum, logits=lambda out: out.logits)})
+    times.update({k: [] for k in others})
+    hf.train_dataset = Data(trainer.train_data)
     load_before = common.load_averages()
     hf.train()
+    assert not isinstance(hf.model_wrapped, torch.nn.parallel.DistributedDataParallel), type(hf.model_wrapped)
     tokens = t.global_batch_size * cfg.seq_len
     return {"tokens_per_step": tokens, "threads": torch.get_num_threads(), "step_s": times,
             "load_averages": [load_before, common.load_averages()]}

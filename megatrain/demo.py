@@ -1,4 +1,5 @@
-"""`make demo`: prepare the embedded corpus, pretrain the tiny GPT on 2 CPU ranks under DeepSpeed, summarise.
+"""`make demo`: prepare the embedded corpus, pretrain the tiny GPT on 2 CPU ranks (torchrun starts them; the
+DeepSpeed engine trains), summarise.
 `make demo-sft`: pretrain the tiny Llama briefly, fine-tune it with LoRA on the shipped chat data
 (recipes/sft_lora_tiny.yaml: assistant-token loss, packed documents), then answer held-out chat prompts.
 
@@ -13,20 +14,34 @@ import os
 import subprocess
 import sys
 
+from megatrain.distributed.threads import rank_thread_count
 from megatrain.testing import ROOT, free_port
 
 
-def _run(cmd: list[str]) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def _run(cmd: list[str], env: dict | None = None) -> None:
+    print("$ " + " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd]), flush=True)
+    env = {**os.environ, **(env or {}), "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if subprocess.call(cmd, cwd=ROOT, env=env) != 0:
         raise SystemExit(f"demo: command failed: {' '.join(cmd)}")
 
 
+def train_command(recipe: str, ranks: int, extra: list[str], port: int | None = None) -> tuple[list[str], dict]:
+    """(argv, extra environment) of the demo's training launch.
+
+    torchrun, not `deepspeed`: the ranks run the same DeepSpeed engine either way, but DeepSpeed's runner and then
+    its per-node launcher each import DeepSpeed before a rank starts, and torchrun imports only torch
+    (benchmarks/bench_startup.py times both). The thread count is megatrain's rule (cores ÷ ranks), set here
+    because torchrun would otherwise export 1 whatever the core count."""
+    env = {} if "OMP_NUM_THREADS" in os.environ else {
+        "OMP_NUM_THREADS": str(rank_thread_count({"LOCAL_WORLD_SIZE": str(ranks)})[0])}
+    return ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+             "127.0.0.1", "--master_port", str(port or free_port()), "launch/pretrain.py", "--config", recipe,
+             *extra], env)
+
+
 def _train(recipe: str, ranks: int, extra: list[str]) -> None:
     _run([sys.executable, "launch/prepare.py", "--config", recipe, *extra])
-    _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-          "--master_port", str(free_port()), "launch/pretrain.py", "--config", recipe, *extra])
+    _run(*train_command(recipe, ranks, extra))
 
 
 def _rows(log_dir: str) -> list[dict]:

@@ -7,6 +7,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from megatrain.distributed.threads import local_rank_count, rank_thread_count  # noqa: F401 (re-exported)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -25,30 +27,6 @@ def default_backend(cuda_available: bool | None = None) -> str:
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     return MIXED_BACKEND if cuda_available else "gloo"
-
-
-def local_rank_count(environ=os.environ) -> int:
-    """Ranks on this machine, from whichever launcher started us (1 for a plain ``python`` launch)."""
-    # torchrun/torch.multiprocessing harnesses: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
-        if environ.get(key, "").isdigit() and int(environ[key]) > 0:
-            return int(environ[key])
-    return 1
-
-
-def rank_thread_count(environ=os.environ, cores: int | None = None) -> tuple[int, str]:
-    """(threads per rank, why): the user's OMP_NUM_THREADS, else this process's cores ÷ local ranks.
-
-    The deepspeed launcher sets no thread count, so each of 2 ranks on 2 cores ran 2 threads: oversubscribed,
-    12% slower than 1 thread per rank on the demo (issue 19). torchrun exports OMP_NUM_THREADS=1 itself,
-    which this rule then keeps."""
-    user = environ.get("OMP_NUM_THREADS", "")
-    if user.isdigit() and int(user) > 0:
-        return int(user), "OMP_NUM_THREADS"
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    ranks = local_rank_count(environ)
-    return max(1, cores // ranks), f"{cores} cores / {ranks} local ranks"
 
 
 def set_rank_threads() -> int:
