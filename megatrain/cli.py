@@ -14,7 +14,7 @@ COMMANDS = {
     "prepare": "prepare a text corpus into token shards (launch/prepare.py)",
     "train": "pretrain one rank in-process (launch/pretrain.py)",
     "generate": "continue prompts with a checkpoint, saved model or HF dir (launch/generate.py)",
-    "demo": "the make-demo flow: prepare + 2-rank DeepSpeed run + summary",
+    "demo": "the make-demo flow: prepare + 2-rank run (torchrun, DeepSpeed engine) + summary",
     "env": "which kernel backends are available for each op",
     "config-docs": "print the config reference (markdown)",
 }
