@@ -61,7 +61,7 @@ def _writers_and_readers(tensors: dict):
     def mega_save(d):  # one-pass checksums, fsync and the manifest
         entry = write_tensors(os.path.join(d, "model-s0.safetensors"), tensors)
         atomic_write_text(os.path.join(d, "manifest.json"), json.dumps(
-            {"format": FORMAT, "step": 0, "files": {"model-s0.safetensors": entry}}))
+            {"format": FORMAT, "step": 0, "config": {}, "files": {"model-s0.safetensors": entry}}))
 
     def mega_load(d):  # checksums verified while reading
         src = CheckpointSource(d, verify=True)
@@ -190,10 +190,13 @@ def main():
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--workdir", default=None, help="where the generated checkpoints go (default: a temp dir)")
     parser.add_argument("--rank-load", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="benchmarks/results/bench_checkpoint.json")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/bench_checkpoint.json, or "
+                        "bench_checkpoint_io.json with --skip-rss (so an I/O-only run keeps the RSS record)")
     args = parser.parse_args()
     if args.rank_load:
         return _rank_load(args.rank_load)
+    args.out = args.out or os.path.join(common.RESULTS_DIR, "bench_checkpoint_io.json" if args.skip_rss
+                                        else "bench_checkpoint.json")
     work = args.workdir or tempfile.mkdtemp(prefix="bench_ckpt_")
     os.makedirs(work, exist_ok=True)
     load_before = common.load_averages()
