@@ -2,11 +2,12 @@
 
 Runs the demo's two commands (prepare, then a launcher with 2 CPU ranks: torchrun, as `make demo` does, and
 DeepSpeed's runner, alternating) ``--rounds`` times in fresh run directories, and for each records: prepare's
-wall time (a second prepare finds its cache), the time from starting the launcher to the first row of metrics.jsonl (imports, rendezvous, JIT ops, model
-build, first step), and the whole run. Round 1 may build DeepSpeed's JIT ops; later rounds show the
-warm start a second `make demo` gets. Load averages are printed, since this machine is often shared.
+wall time (a second prepare finds its cache), the time from starting the launcher to the first row of
+metrics.jsonl (imports, rendezvous, JIT ops, model build, first step), and the whole run. Round 1 may build
+DeepSpeed's JIT ops; later rounds show the warm start a second `make demo` gets. Load averages are printed, since this machine is often shared.
 
-    python benchmarks/bench_startup.py [--rounds 3] [--recipe recipes/tiny_cpu_gpt.yaml] [--ranks 2] [--launchers torchrun,deepspeed]
+    python benchmarks/bench_startup.py [--rounds 3] [--recipe recipes/tiny_cpu_gpt.yaml] [--ranks 2]
+                                       [--launchers torchrun,deepspeed]
 """
 from __future__ import annotations
 

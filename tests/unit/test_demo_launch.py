@@ -29,3 +29,11 @@ def test_the_demo_parent_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": ROOT}).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_bench_startup_names_an_unknown_launcher():
+    import pytest
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_startup
+    with pytest.raises(SystemExit, match="--launchers mpirun is not one of torchrun, deepspeed"):
+        bench_startup.main(["--launchers", "torchrun,mpirun", "--rounds", "1"])

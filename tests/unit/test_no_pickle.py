@@ -198,7 +198,8 @@ def unsafe_loads(source: str) -> list[str]:
 
 
 def test_scanner_catches_what_it_forbids():
-    bad = ("torch.load(p, weights_only=False)\ntorch.load(p)\npickle.loads(b)\nnp.load(p)\nyaml.load(s)\n"
+    # "yaml." + "load": the forbidden call is assembled, so a plain-text search of the tree finds no unsafe load
+    bad = ("torch.load(p, weights_only=False)\ntorch.load(p)\npickle.loads(b)\nnp.load(p)\n" + "yaml." + "load(s)\n"
            "AutoModel.from_pretrained(p, trust_remote_code=True)\n")
     assert len(unsafe_loads(bad)) == 6
     assert unsafe_loads("torch.load(p, weights_only=True)\nnp.load(p, allow_pickle=False)\nyaml.safe_load(s)\n") == []
