@@ -1,13 +1,14 @@
 """Start-up time of `make demo`'s training command: seconds from launching it to the first logged step.
 
-Runs the demo's two commands (prepare, then a launcher with 2 CPU ranks: torchrun, as `make demo` does, and
-DeepSpeed's runner, alternating) ``--rounds`` times in fresh run directories, and for each records: prepare's
-wall time (a second prepare finds its cache), the time from starting the launcher to the first row of
-metrics.jsonl (imports, rendezvous, JIT ops, model build, first step), and the whole run. Round 1 may build
-DeepSpeed's JIT ops; later rounds show the warm start a second `make demo` gets. Load averages are printed, since this machine is often shared.
+Runs the demo's two commands (prepare, then a launcher with 2 CPU ranks: megatrain's local launcher, as
+`make demo` does, torchrun, and DeepSpeed's runner, in turn) ``--rounds`` times in fresh run directories, and
+for each records: prepare's wall time (a second prepare finds its cache), the time from starting the launcher to
+the first row of metrics.jsonl (imports, rendezvous, JIT ops, model build, first step), and the whole run.
+Round 1 may build DeepSpeed's JIT ops; later rounds show the warm start a second `make demo` gets. Load averages
+are printed, since this machine is often shared.
 
     python benchmarks/bench_startup.py [--rounds 3] [--recipe recipes/tiny_cpu_gpt.yaml] [--ranks 2]
-                                       [--launchers torchrun,deepspeed]
+                                       [--launchers local,torchrun,deepspeed]
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 from megatrain.demo import train_command  # noqa: E402
-from megatrain.testing import ROOT, free_port  # noqa: E402
+from megatrain.distributed.local_launch import free_port, thread_env  # noqa: E402
+from megatrain.testing import ROOT  # noqa: E402
 
 
 def _first_row_after(proc: subprocess.Popen, metrics: str, start: float, timeout: float) -> float | None:
@@ -39,12 +41,19 @@ def _first_row_after(proc: subprocess.Popen, metrics: str, start: float, timeout
     return None
 
 
+def _torchrun(recipe: str, ranks: int, extra: list[str]) -> tuple[list[str], dict]:
+    return ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+             "127.0.0.1", "--master_port", str(free_port()), "launch/pretrain.py", "--config", recipe, *extra],
+            thread_env(ranks))  # torchrun would export OMP_NUM_THREADS=1: give it the demo's thread count
+
+
 def _deepspeed(recipe: str, ranks: int, extra: list[str]) -> tuple[list[str], dict]:
     return ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
              str(free_port()), "launch/pretrain.py", "--config", recipe, *extra], {})
 
 
-LAUNCHERS = {"torchrun": train_command, "deepspeed": _deepspeed}  # (argv, extra env) of each launch
+# (argv, extra env) of each launch; "local" is make demo's own (megatrain.distributed.local_launch)
+LAUNCHERS = {"local": train_command, "torchrun": _torchrun, "deepspeed": _deepspeed}
 
 
 def one_round(recipe: str, ranks: int, steps: int, run_dir: str, launcher: str = "deepspeed") -> dict:
@@ -83,7 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--launchers", default="torchrun,deepspeed",
+    parser.add_argument("--launchers", default="local,torchrun,deepspeed",
                         help="comma-separated, from: " + ", ".join(LAUNCHERS) + " (they alternate every round)")
     parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "bench_startup.json"))
     args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
-"""`make demo`: prepare the embedded corpus, pretrain the tiny GPT on 2 CPU ranks (torchrun starts them; the
-DeepSpeed engine trains), summarise.
+"""`make demo`: prepare the embedded corpus, pretrain the tiny GPT on 2 CPU ranks (started by
+megatrain.distributed.local_launch; the DeepSpeed engine trains), summarise.
 `make demo-sft`: pretrain the tiny Llama briefly, fine-tune it with LoRA on the shipped chat data
 (recipes/sft_lora_tiny.yaml: assistant-token loss, packed documents), then answer held-out chat prompts.
 
@@ -14,8 +14,8 @@ import os
 import subprocess
 import sys
 
-from megatrain.distributed.threads import rank_thread_count
-from megatrain.testing import ROOT, free_port
+from megatrain.distributed.local_launch import free_port
+from megatrain.testing import ROOT
 
 
 def _run(cmd: list[str], env: dict | None = None) -> None:
@@ -26,17 +26,11 @@ def _run(cmd: list[str], env: dict | None = None) -> None:
 
 
 def train_command(recipe: str, ranks: int, extra: list[str], port: int | None = None) -> tuple[list[str], dict]:
-    """(argv, extra environment) of the demo's training launch.
-
-    torchrun, not `deepspeed`: the ranks run the same DeepSpeed engine either way, but DeepSpeed's runner and then
-    its per-node launcher each import DeepSpeed before a rank starts, and torchrun imports only torch
-    (benchmarks/bench_startup.py times both). The thread count is megatrain's rule (cores ÷ ranks), set here
-    because torchrun would otherwise export 1 whatever the core count."""
-    env = {} if "OMP_NUM_THREADS" in os.environ else {
-        "OMP_NUM_THREADS": str(rank_thread_count({"LOCAL_WORLD_SIZE": str(ranks)})[0])}
-    return ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-             "127.0.0.1", "--master_port", str(port or free_port()), "launch/pretrain.py", "--config", recipe,
-             *extra], env)
+    """(argv, extra environment) of the demo's training launch: megatrain's local launcher, whose parent imports
+    no torch (torchrun's imports it before starting a rank; benchmarks/bench_startup.py times both). It sets the
+    per-rank thread count (cores ÷ ranks) unless the user set OMP_NUM_THREADS."""
+    return ([sys.executable, "-m", "megatrain.distributed.local_launch", "--nproc", str(ranks), "--port",
+             str(port or free_port()), "launch/pretrain.py", "--config", recipe, *extra], {})
 
 
 def _train(recipe: str, ranks: int, extra: list[str]) -> None:

@@ -7,11 +7,12 @@ fails or hangs takes the others down and its stderr tail is reported (a hang exp
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from megatrain.distributed.local_launch import free_port, rank_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,12 +23,6 @@ class RankResult:
     returncode: int
     stdout: str
     stderr: str
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(world_size: int, argv: list[str], *, timeout: float = 300, env: dict | None = None,
@@ -42,9 +37,8 @@ def run_ranks(world_size: int, argv: list[str], *, timeout: float = 300, env: di
     procs, logs = [], []
     with tempfile.TemporaryDirectory(prefix="megatrain_ranks_") as tmp:
         for rank in range(world_size):
-            penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                    "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+            penv = {**os.environ, **(env or {}), **rank_env(rank, world_size, port), "OMP_NUM_THREADS": "1",
+                    "PYTHONUNBUFFERED": "1"}
             # DS_ACCELERATOR: set by megatrain.toolchain when CUDA is absent
             penv["PYTHONPATH"] = ROOT + os.pathsep + penv.get("PYTHONPATH", "")
             out = open(os.path.join(tmp, f"rank{rank}.out"), "w+")

@@ -171,6 +171,8 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
 
     import deepspeed
 
+    from megatrain.distributed.deepspeed_startup import defer_deepspeed_compile
+    defer_deepspeed_compile()  # before any engine is built: DeepSpeed's Muon import would load torch._inductor
     # DeepSpeed's ZeRO calls a collective torch has renamed; the warning repeats every step on every rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     os.environ.update(launcher_env(dict(os.environ)))  # srun / mpirun: one task per rank, no RANK exported

@@ -24,6 +24,7 @@ from megatrain import ops
 from megatrain.ops.kernels import DEFAULT_KERNELS
 from megatrain.config.schema import ModelConfig
 from megatrain.errors import UserError
+from megatrain.models.deferred_init import skip_random_init
 
 
 class Norm(nn.Module):
@@ -277,8 +278,9 @@ def build_transformer(cfg: ModelConfig, *, seed: int = 0, meta: bool = False) ->
     """The model initialised from ``seed``; ``meta=True`` builds it without memory (parallelize then
     materialises only this rank's shard, from the same name-seeded init or a checkpoint)."""
     if meta:
-        with torch.device("meta"):
+        with torch.device("meta"), skip_random_init():
             return Transformer(cfg)
-    model = Transformer(cfg)
+    with skip_random_init():  # init_weights sets every parameter: torch's default fill would be a second init
+        model = Transformer(cfg)
     init_weights(model, seed=seed, std=cfg.init_std, num_layers=cfg.num_layers)
     return model

@@ -64,16 +64,18 @@ def test_torchrun_two_local_nodes(tiny_corpus, tmp_path):
     assert steps(tmp_path / "run") == [1, 2, 3] and "world=2" in outs[0]
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "local"])
 def test_a_killed_rank_stops_the_launcher(tiny_corpus, tmp_path, launcher):
     script = tmp_path / "dying.py"
     script.write_text(KILL_RANK1)
-    run = ["--master_port", str(free_port()), str(script),
-           *tiny_overrides(tiny_corpus, tmp_path / "run", **{"train.max_steps": 40})]
+    run = [str(script), *tiny_overrides(tiny_corpus, tmp_path / "run", **{"train.max_steps": 40})]
+    port = str(free_port())
     if launcher == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", *run]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *run]
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port, *run]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, *run]
+    else:  # make demo's (megatrain.distributed.local_launch)
+        cmd = [sys.executable, "-m", "megatrain.distributed.local_launch", "--nproc", "2", "--port", port, *run]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     log = tmp_path / "run" / "metrics.jsonl"

@@ -121,22 +121,25 @@ def _ranks_of(launcher, n=2, timeout=120):
     while time.monotonic() < deadline:
         kids = psutil.Process(launcher.pid).children(recursive=True)
         cmds = [" ".join(k.cmdline()) for k in kids]
-        if sum("launch/pretrain.py" in c and "deepspeed.launcher" not in c and "distributed.run" not in c
-               for c in cmds) >= n:
+        if sum("launch/pretrain.py" in c and not any(x in c for x in ("deepspeed.launcher", "distributed.run",
+                                                                      "local_launch")) for c in cmds) >= n:
             return kids
         time.sleep(0.2)
     raise AssertionError("ranks never started")
 
 
 @pytest.mark.parametrize("launcher,target", [("deepspeed", "launcher"), ("torchrun", "group"),
-                                             ("torchrun", "launcher")])
+                                             ("torchrun", "launcher"), ("local", "launcher")])
 def test_signal_reaches_every_rank_under_launchers(tiny_corpus, tmp_path, launcher, target):
     overrides = tiny_overrides(tiny_corpus, tmp_path, **EXTRA)
     if launcher == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                str(free_port()), "launch/pretrain.py", *overrides]
-    else:
+    elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "launch/pretrain.py", *overrides]
+    else:  # make demo's: forwards the signal to every rank and waits for their saves
+        cmd = [sys.executable, "-m", "megatrain.distributed.local_launch", "--nproc", "2", "--port",
                str(free_port()), "launch/pretrain.py", *overrides]
     proc = _launch(cmd, tmp_path)
     try:

@@ -1,26 +1,17 @@
-"""`make demo`'s launch: torchrun with megatrain's per-rank thread rule, from a parent that never imports torch."""
+"""`make demo`'s launch: megatrain's local launcher (per-rank thread rule), from a parent that never imports torch."""
 import os
 import subprocess
 import sys
 
 from megatrain.demo import train_command
-from megatrain.distributed.threads import rank_thread_count
 from megatrain.testing import ROOT
 
 
-def test_torchrun_with_cores_over_ranks(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+def test_the_demo_starts_its_ranks_with_the_local_launcher():
     argv, env = train_command("recipes/tiny_cpu_gpt.yaml", 2, ["--train.max_steps=3"], port=29999)
-    assert argv[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    assert argv[-3:] == ["--config", "recipes/tiny_cpu_gpt.yaml", "--train.max_steps=3"] and "29999" in argv
-    cores = len(os.sched_getaffinity(0))
-    assert env == {"OMP_NUM_THREADS": str(max(1, cores // 2))}
-    assert env["OMP_NUM_THREADS"] == str(rank_thread_count({"LOCAL_WORLD_SIZE": "2"}, cores)[0])
-
-
-def test_the_users_thread_count_is_kept(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert train_command("recipes/tiny_cpu_gpt.yaml", 2, [])[1] == {}
+    assert argv[1:7] == ["-m", "megatrain.distributed.local_launch", "--nproc", "2", "--port", "29999"]
+    assert argv[-4:] == ["launch/pretrain.py", "--config", "recipes/tiny_cpu_gpt.yaml", "--train.max_steps=3"]
+    assert env == {}  # the launcher applies the thread rule itself (tests/unit/test_local_launch.py)
 
 
 def test_the_demo_parent_does_not_import_torch():
@@ -35,5 +26,5 @@ def test_bench_startup_names_an_unknown_launcher():
     import pytest
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import bench_startup
-    with pytest.raises(SystemExit, match="--launchers mpirun is not one of torchrun, deepspeed"):
+    with pytest.raises(SystemExit, match="--launchers mpirun is not one of local, torchrun, deepspeed"):
         bench_startup.main(["--launchers", "torchrun,mpirun", "--rounds", "1"])
