@@ -3,9 +3,9 @@
 DeepSpeed (0.19) imports its Muon optimizer while building any ZeRO engine — the optimizer sanity check and
 ZeRO-1/2's gradient averaging do ``from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam``,
 whatever optimizer the run uses — and that module decorates three functions with ``torch.compile`` at import.
-Decorating imports ``torch._dynamo`` and ``torch._inductor``: 1.5–3 s of every rank's start on the demo, for
-kernels that only a Muon run ever calls (benchmarks/bench_startup.py measures the start; the profile is in
-docs/performance.md).
+Decorating imports ``torch._dynamo`` and ``torch._inductor``: 2.4 s of a 12.6 s one-rank start under cProfile
+on the demo, for kernels that only a Muon run ever calls (benchmarks/bench_startup.py measures the start; README
+"Against the peers" has the figures).
 
 ``defer_deepspeed_compile`` makes DeepSpeed's ``compiler.compile()`` decorator lazy: the function is handed to
 ``torch.compile`` on its first call, with the same arguments, so a Muon run compiles exactly what it did before,

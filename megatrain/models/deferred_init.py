@@ -2,9 +2,10 @@
 
 ``nn.Linear`` and ``nn.Embedding`` fill their weights in ``reset_parameters`` (kaiming-uniform, normal). megatrain
 overwrites every parameter right after (``init_weights``, a checkpoint, or a rank's shard at materialisation), so
-that fill is wasted work: for a billion-parameter model it is a second full random init. On the meta device it is
-worse than wasted: torch has no meta kernel for ``normal_`` and decomposes it through ``torch._refs``, whose
-wrapper imports ``torch._dynamo`` — over a second of every rank's start-up, for tensors that hold no data.
+that fill is wasted work: for a billion-parameter model it is a second full random init. On the meta device torch
+has no kernel for ``normal_`` and decomposes it through ``torch._refs``, whose wrapper imports ``torch._dynamo``
+(about 2 s on a 2-core machine) for tensors that hold no data. A training rank still pays that import once, when
+its optimizer is built: torch 2.13's ``Optimizer.add_param_group`` is wrapped in ``torch._disable_dynamo``.
 """
 from __future__ import annotations
 
